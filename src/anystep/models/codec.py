@@ -1,0 +1,117 @@
+"""The toy world's stand-in for the Wan VAE: an exact, invertible space-to-depth pixel codec.
+
+It speaks the part of the ``AutoencoderKLWan`` interface that diffusers' Wan / AnyFlow pipelines
+use (``config.z_dim``, ``latents_mean``, ``latents_std``, ``scale_factor_spatial``,
+``scale_factor_temporal``, ``_encode`` returning moments, ``encode`` / ``decode``), so a toy model
+folder is loaded and decoded by the stock pipelines exactly like a real Wan folder.
+
+Latents are per-channel normalised with the stored mean/std, so the flow sees unit-scale data.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+
+class SpaceToDepthCodec(ModelMixin, ConfigMixin):
+    """Pixels (B, C, F, H, W) in [-1, 1] <-> latents (B, C*p*p, F, H/p, W/p). Bit-exact round trip.
+
+    ``latents_mean`` / ``latents_std`` follow Wan's convention: the pipeline maps a normalised latent
+    ``z`` back to codec space as ``z * std + mean`` before calling :meth:`decode`.
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        patch: int = 4,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+        # Derived, stored for the pipelines that read them; any value passed is recomputed.
+        z_dim: int | None = None,
+        scale_factor_spatial: int | None = None,
+        scale_factor_temporal: int = 1,
+    ):
+        super().__init__()
+        z_dim = in_channels * patch * patch
+        self.register_to_config(
+            z_dim=z_dim,
+            scale_factor_spatial=patch,
+            scale_factor_temporal=1,
+            latents_mean=list(latents_mean) if latents_mean is not None else [0.0] * z_dim,
+            latents_std=list(latents_std) if latents_std is not None else [1.0] * z_dim,
+        )
+        # Parameter-free, but diffusers' save/load wants a weights file: one persistent buffer
+        # (also the dtype/device anchor ModelMixin needs).
+        self.register_buffer("anchor", torch.zeros(1))
+
+    # -- raw transforms (no normalisation) -------------------------------------------------------
+    def space_to_depth(self, video: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch
+        b, c, f, h, w = video.shape
+        if h % p or w % p:
+            raise ValueError(f"frame size {h}x{w} is not divisible by the codec patch {p}")
+        x = video.reshape(b, c, f, h // p, p, w // p, p)
+        return x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * p * p, f, h // p, w // p)
+
+    def depth_to_space(self, latents: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch
+        b, z, f, h, w = latents.shape
+        c = z // (p * p)
+        x = latents.reshape(b, c, p, p, f, h, w)
+        return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c, f, h * p, w * p)
+
+    # -- AutoencoderKLWan-compatible API -----------------------------------------------------------
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        mu = self.space_to_depth(video)
+        # Zero log-variance moments: the posterior is a point mass (mean == mode == sample).
+        return torch.cat([mu, torch.full_like(mu, -30.0)], dim=1)
+
+    def encode(self, video: torch.Tensor, return_dict: bool = True):
+        posterior = DiagonalGaussianDistribution(self._encode(video))
+        if not return_dict:
+            return (posterior,)
+        return AutoencoderKLOutput(latent_dist=posterior)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        video = self.depth_to_space(latents).clamp(-1.0, 1.0)
+        if not return_dict:
+            return (video,)
+        return DecoderOutput(sample=video)
+
+    # -- normalised latents, the space the transformer lives in ----------------------------------
+    def _stats(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.config.latents_mean, device=ref.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.config.latents_std, device=ref.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def pixels_to_latents(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, F, C, H, W) pixels -> normalised latents (B, F, Z, h, w), the AnyFlow layout."""
+        z = self.space_to_depth(video.permute(0, 2, 1, 3, 4).float())
+        mean, std = self._stats(z)
+        return ((z - mean) / std).permute(0, 2, 1, 3, 4)
+
+    def latents_to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, F, Z, h, w) -> pixels (B, F, C, H, W) in [-1, 1]."""
+        z = latents.permute(0, 2, 1, 3, 4).float()
+        mean, std = self._stats(z)
+        return self.decode(z * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
+
+
+def fit_codec(videos: torch.Tensor, patch: int = 4) -> SpaceToDepthCodec:
+    """A codec whose per-channel statistics are measured on ``videos`` (B, F, C, H, W) pixels.
+
+    Statistics are pooled over the p*p sub-pixels of each colour channel, so that every latent
+    channel of one colour shares a mean and std (the codec stays translation-equivariant).
+    """
+    c = videos.shape[2]
+    flat = videos.permute(2, 0, 1, 3, 4).reshape(c, -1).double()
+    mean = flat.mean(1).repeat_interleave(patch * patch)
+    std = flat.std(1).clamp_min(1e-3).repeat_interleave(patch * patch)
+    return SpaceToDepthCodec(in_channels=c, patch=patch, latents_mean=mean.tolist(), latents_std=std.tolist())

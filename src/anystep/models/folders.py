@@ -1,0 +1,92 @@
+"""Models in, models out: every model the toolkit writes is a diffusers folder.
+
+* teacher -> ``WanPipeline`` layout (``model_index.json``, ``transformer/``, ``vae/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
+* flow-map students -> ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` layouts.
+
+The toy model's ``vae/`` is a :class:`~anystep.models.codec.SpaceToDepthCodec`; a real Wan folder
+has ``AutoencoderKLWan`` there. Both load through the same diffusers call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler
+
+from anystep.train.common import atomic_save_folder
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing, malformed or of the wrong layout (reported as a one-line error)."""
+
+
+PIPELINE_CLASSES = {"WanPipeline", "AnyFlowPipeline", "AnyFlowFARPipeline"}
+
+
+def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0) -> Path:
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=codec,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+    )
+    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest)
+    return Path(dest)
+
+
+def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0) -> Path:
+    from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, AnyFlowFARTransformer3DModel
+
+    cls = AnyFlowFARPipeline if isinstance(transformer, AnyFlowFARTransformer3DModel) else AnyFlowPipeline
+    pipe = cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=codec,
+        transformer=transformer,
+        scheduler=FlowMapEulerDiscreteScheduler(shift=shift),
+    )
+    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest)
+    return Path(dest)
+
+
+def read_model_index(folder) -> dict:
+    folder = Path(folder)
+    if not folder.exists():
+        raise ModelFolderError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise ModelFolderError(f"not a folder: {folder}")
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise ModelFolderError(f"{folder} is not a diffusers model folder (no model_index.json)")
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{index} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    cls = data.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+        raise ModelFolderError(f"{folder}: unsupported pipeline class {cls!r} (expected one of {sorted(PIPELINE_CLASSES)})")
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if part not in data:
+            raise ModelFolderError(f"{folder}: model_index.json names no {part!r} component")
+        if not (folder / part).is_dir():
+            raise ModelFolderError(f"{folder}: component folder {part}/ is missing")
+    return data
+
+
+def load_pipeline(folder, torch_dtype=None):
+    """Load any supported folder with the diffusers pipeline class it names."""
+    import diffusers
+
+    data = read_model_index(folder)
+    cls = getattr(diffusers, data["_class_name"])
+    try:
+        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        return cls.from_pretrained(str(folder), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFolderError(f"{folder}: cannot load model: {first}") from None

@@ -1,0 +1,85 @@
+"""The text path: a locally built word-level tokenizer and a tiny ``UMT5EncoderModel``.
+
+The toy world uses the same classes and the same encoding rule as Wan / AnyFlow pipelines
+(``AutoTokenizer`` + ``UMT5EncoderModel``; embeddings cut at the true sequence length and
+zero-padded to ``max_sequence_length``), so training and the stock pipelines see identical
+conditioning. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from anystep.data.moving_digits import vocabulary
+
+TOY_MAX_SEQUENCE_LENGTH = 8
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+
+
+def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing whitespace word tokenizer over ``words`` that appends ``</s>``, like T5's."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    words = list(dict.fromkeys(words or vocabulary()))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TOY_MAX_SEQUENCE_LENGTH,
+    )
+
+
+def build_tiny_umt5(vocab_size: int, d_model: int = 64, num_layers: int = 2, seed: int = 0) -> UMT5EncoderModel:
+    cfg = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=d_model * 2,
+        num_layers=num_layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(cfg)
+
+
+def encode_prompts(
+    tokenizer,
+    text_encoder: UMT5EncoderModel,
+    prompts: list[str],
+    max_sequence_length: int = TOY_MAX_SEQUENCE_LENGTH,
+) -> torch.Tensor:
+    """Prompt embeddings exactly as diffusers' Wan/AnyFlow ``_get_t5_prompt_embeds`` makes them.
+
+    Differentiable (no ``no_grad`` here), so a teacher can train its text encoder jointly.
+    """
+    inputs = tokenizer(
+        [" ".join(p.split()) for p in prompts],
+        padding="max_length",
+        max_length=max_sequence_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    hidden = text_encoder(ids, mask).last_hidden_state
+    # Zero every position past the true length, as the pipelines do.
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)

@@ -1,0 +1,155 @@
+"""Any-step generation from a model folder, through diffusers' own pipelines.
+
+* a teacher (``WanPipeline`` folder): Euler on the shifted grid with classifier-free guidance
+  (2 network calls a step);
+* an AnyFlow student (``AnyFlowPipeline`` folder): flow-map Euler ``z_r = z_t - (t - r) u(z_t, t, r)``
+  on the shifted grid, no guidance (1 call a step);
+* an AnyFlow-FAR student (``AnyFlowFARPipeline``): the same, chunk by chunk over the KV cache.
+
+Initial noise is drawn per clip from ``seed`` (clip i of a batch uses ``seed + i``), so a clip
+does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from anystep.models.folders import load_pipeline
+
+DEFAULT_TEACHER_GUIDANCE = 4.0
+
+
+@dataclass
+class LoadedModel:
+    pipe: object
+    kind: str  # "teacher" | "anyflow" | "anyflow_far"
+    folder: str
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def codec(self):
+        return self.pipe.vae
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(min(getattr(self.pipe.tokenizer, "model_max_length", 512) or 512, 512))
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(F_latent, C, h, w) of one clip, the AnyFlow layout."""
+        vae = self.pipe.vae
+        ft = int(vae.config.scale_factor_temporal)
+        fs = int(vae.config.scale_factor_spatial)
+        if height % fs or width % fs:
+            raise ValueError(f"frame size {height}x{width} is not divisible by the codec's spatial factor {fs}")
+        cfg = self.transformer.config
+        p = cfg.patch_size
+        if (height // fs) % p[1] or (width // fs) % p[2]:
+            raise ValueError(
+                f"latent size {height // fs}x{width // fs} is not divisible by the transformer patch {tuple(p[1:])}"
+            )
+        f_lat = (num_frames - 1) // ft + 1
+        return f_lat, int(cfg.in_channels), height // fs, width // fs
+
+
+def load_model(folder) -> LoadedModel:
+    # diffusers warns that the toy codec is not an AutoencoderKLWan; it is a deliberate stand-in.
+    dlog = logging.getLogger("diffusers")
+    level = dlog.level
+    dlog.setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlogging
+
+        old = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        pipe = load_pipeline(folder)
+        dlogging.set_verbosity(old)
+    finally:
+        dlog.setLevel(level)
+    pipe.set_progress_bar_config(disable=True)
+    kind = {"WanPipeline": "teacher", "AnyFlowPipeline": "anyflow", "AnyFlowFARPipeline": "anyflow_far"}[
+        type(pipe).__name__
+    ]
+    return LoadedModel(pipe=pipe, kind=kind, folder=str(folder))
+
+
+def initial_noise(shape_one: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
+    """(n, *shape_one) standard normal noise, clip i drawn from generator seed ``seed + i``."""
+    return torch.stack([torch.randn(shape_one, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+
+
+def generate_latents(*args, **kwargs) -> torch.Tensor:
+    """Normalised latents (B, F, C, h, w) for ``prompts`` at ``steps`` sampling steps."""
+    from diffusers.utils import logging as dlogging
+
+    # The stock pipelines warn that a temporal factor of 1 "rounds" num_frames; we pass latents
+    # directly, so the frame count is exactly the one asked for.
+    old = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        return _generate_latents(*args, **kwargs)
+    finally:
+        dlogging.set_verbosity(old)
+
+
+@torch.no_grad()
+def _generate_latents(
+    model: LoadedModel,
+    prompts: list[str],
+    steps: int,
+    seed: int = 0,
+    num_frames: int = 7,
+    height: int = 32,
+    width: int = 32,
+    guidance_scale: float | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    shape = model.latent_shape(num_frames, height, width)
+    if noise is None:
+        noise = initial_noise(shape, len(prompts), seed)
+    common = dict(
+        prompt=list(prompts),
+        num_inference_steps=steps,
+        output_type="latent",
+        max_sequence_length=model.max_sequence_length,
+        return_dict=False,
+    )
+    if model.kind == "teacher":
+        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
+        # WanPipeline takes (B, C, F, h, w) latents and returns them in the same layout.
+        out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, negative_prompt="", **common)[0]
+        return out.permute(0, 2, 1, 3, 4)
+    g = 1.0 if guidance_scale is None else guidance_scale
+    if model.kind == "anyflow":
+        out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, **common)[0]
+        return out.permute(0, 2, 1, 3, 4)
+    raise NotImplementedError("causal (AnyFlow-FAR) generation arrives with the causal sampler")
+
+
+def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents (B, F, C, h, w) -> pixels (B, F, 3, H, W) in [-1, 1] through the folder's codec."""
+    vae = model.codec
+    z = latents.permute(0, 2, 1, 3, 4).float()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    video = vae.decode(z * std + mean, return_dict=False)[0]
+    return video.clamp(-1, 1).permute(0, 2, 1, 3, 4)
+
+
+def generate(model: LoadedModel, prompts: list[str], steps: int, seed: int = 0, **kw) -> torch.Tensor:
+    return latents_to_video(model, generate_latents(model, prompts, steps, seed=seed, **kw))
+
+
+def nfe(model: LoadedModel, steps: int, guidance_scale: float | None = None) -> int:
+    """Network evaluations per clip: teachers with guidance pay two a step."""
+    if model.kind == "teacher":
+        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
+        return steps * (2 if g > 1.0 else 1)
+    return steps

@@ -1,0 +1,133 @@
+"""Pieces every training method shares: EMA, atomic checkpoints, JSONL metrics, LR warm-up."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, switched on after ``start`` updates."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, start: int = 0):
+        self.decay, self.start = decay, start
+        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = 0.0 if step < self.start else self.decay
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k])
+
+    def ema_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        m = copy.deepcopy(module)
+        self.copy_to(m)
+        return m
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "start": self.start, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.start = state["decay"], state["start"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+def warmup_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_folder(write_fn, dest: str | os.PathLike) -> None:
+    """Build a folder with ``write_fn(tmpdir)`` next to ``dest`` and swap it in by rename.
+
+    A crash leaves either the old folder or the new one, never a mix.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        write_fn(tmp)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class JsonlLogger:
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path) if path else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.path:
+            return
+        clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def logit_normal_sigma(n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0):
+    """sigma = sigmoid(N(mean, std)): the SD3 / Wan logit-normal time density (before the shift)."""
+    return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
+
+
+def cosine_or_constant(step: int, total: int, kind: str) -> float:
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return 1.0

@@ -1,0 +1,195 @@
+"""Teacher training: plain flow matching of a tiny ``WanTransformer3DModel`` on MovingDigits.
+
+Logit-normal time with the shift, 10% null-prompt dropout, AdamW, EMA. The text encoder can be
+trained jointly (the toy text path starts from random weights, so it has to learn what the words
+mean); the trained encoder ships inside the teacher folder and stays frozen for every later stage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, parse_prompt, DIGIT_WORDS
+from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
+from anystep.models.codec import fit_codec
+from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
+from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
+from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_lambda
+
+
+@dataclass
+class TeacherConfig:
+    out: str = "runs/teacher"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 500
+    shift: float = 5.0
+    null_prob: float = 0.1
+    train_text_encoder: bool = True
+    text_lr_mult: float = 1.0
+    num_frames: int = 7
+    seed: int = 0
+    log_every: int = 25
+    probe_every: int = 250
+    ckpt_every: int = 500
+    threads: int = 0
+    transformer: dict = field(default_factory=dict)
+
+
+def _latents(codec, videos: np.ndarray) -> torch.Tensor:
+    return codec.pixels_to_latents(torch.from_numpy(videos))
+
+
+@torch.no_grad()
+def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig, seed: int = 123, n: int = 32):
+    """Relative change of the velocity prediction when one prompt word is swapped.
+
+    A cheap go/no-go signal: a teacher that ignores the digit or direction word shows ~0 there
+    while colour is large (DESIGN.md section 4).
+    """
+    ds = MovingDigits("train", world, seed=seed)
+    videos, prompts = ds.batch(range(n))
+    x = _latents(codec, videos)
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.full((n,), 0.7)
+    z = add_noise(x, torch.randn(x.shape, generator=g), sigma)
+    rng = np.random.default_rng(seed)
+
+    def swapped(kind):
+        out = []
+        for p in prompts:
+            c, d, m = parse_prompt(p)
+            if kind == "color":
+                c = rng.choice([o for o in world.colors if o != c])
+            elif kind == "digit":
+                d = int(rng.choice([o for o in range(10) if o != d]))
+            else:
+                m = rng.choice([o for o in world.directions if o != m])
+            out.append(make_prompt(c, d, m))
+        return out
+
+    def pred(ps):
+        emb = encode_prompts(tokenizer, text_encoder, ps)
+        return model(z.permute(0, 2, 1, 3, 4), sigma * NUM_TRAIN_TIMESTEPS, emb).sample
+
+    base = pred(prompts)
+    scale = base.pow(2).mean().sqrt()
+    return {k: float((pred(swapped(k)) - base).pow(2).mean().sqrt() / scale) for k in ("color", "digit", "direction")}
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = WorldConfig(num_frames=cfg.num_frames)
+    data = MovingDigits("train", world, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Codec statistics from a fixed sample of training clips.
+    codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]))
+    tokenizer = build_word_tokenizer()
+    text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    model = build_toy_transformer(**cfg.transformer)
+    model.train()
+
+    params = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    if cfg.train_text_encoder:
+        params.append({"params": list(text_encoder.parameters()), "lr": cfg.lr * cfg.text_lr_mult})
+    trainable = [p for g in params for p in g["params"]]
+    opt = torch.optim.AdamW(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup))
+    ema = EMA(model, cfg.ema_decay, cfg.ema_start)
+    ema_text = EMA(text_encoder, cfg.ema_decay, cfg.ema_start) if cfg.train_text_encoder else None
+
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"])
+        if ema_text is not None:
+            ema_text.load_state_dict(state["ema_text"])
+        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]))
+        step = state["step"]
+        set_rng_state(state["rng"])
+    logger = JsonlLogger(out / "metrics.jsonl")
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def save_ckpt():
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "ema": ema.state_dict(),
+                "ema_text": ema_text.state_dict() if ema_text else None,
+                "step": step,
+                "rng": rng_state(),
+            },
+            ckpt_path,
+        )
+
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True)
+    while step < cfg.steps:
+        idx = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        videos, prompts = data.batch(idx)
+        drop = torch.rand(len(prompts)) < cfg.null_prob
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        x = _latents(codec, videos)
+        noise = torch.randn_like(x)
+        sigma = shift_sigma(logit_normal_sigma(len(x)), cfg.shift)
+        z = add_noise(x, noise, sigma)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            emb = encode_prompts(tokenizer, text_encoder, prompts)
+        pred = model(z.permute(0, 2, 1, 3, 4), sigma * NUM_TRAIN_TIMESTEPS, emb).sample.permute(0, 2, 1, 3, 4)
+        loss = F.mse_loss(pred.float(), (noise - x).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        ema.update(model, step)
+        if ema_text is not None:
+            ema_text.update(text_encoder, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        rec = {"step": step, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time": time.time() - t0}
+        if step % cfg.probe_every == 0 or step == cfg.steps:
+            model.eval()
+            rec.update({f"probe_{k}": v for k, v in prompt_sensitivity(model, tokenizer, text_encoder, codec, world).items()})
+            model.train()
+            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
+        if step % cfg.log_every == 0 or "probe_color" in rec:
+            logger.log(rec)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_ckpt()
+    bar.close()
+
+    from anystep.models.folders import save_teacher_folder
+
+    final_model = ema.ema_copy(model).eval()
+    final_text = (ema_text.ema_copy(text_encoder) if ema_text else text_encoder).eval()
+    save_teacher_folder(out / "model", final_model, final_text, tokenizer, codec, shift=cfg.shift)
+    return out / "model"
