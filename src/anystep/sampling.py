@@ -12,7 +12,6 @@ does not depend on what else is in its batch.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -58,19 +57,23 @@ class LoadedModel:
 
 
 def load_model(folder) -> LoadedModel:
-    # diffusers warns that the toy codec is not an AutoencoderKLWan; it is a deliberate stand-in.
-    dlog = logging.getLogger("diffusers")
-    level = dlog.level
-    dlog.setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlogging
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
-        old = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()
+    # Loading bars and the "vae is not an AutoencoderKLWan" notice (the toy codec is a deliberate
+    # stand-in) are noise on a command line.
+    old_d, old_t = dlogging.get_verbosity(), tlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    tlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
+    try:
         pipe = load_pipeline(folder)
-        dlogging.set_verbosity(old)
     finally:
-        dlog.setLevel(level)
+        dlogging.set_verbosity(old_d)
+        tlogging.set_verbosity(old_t)
+        dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     kind = {"WanPipeline": "teacher", "AnyFlowPipeline": "anyflow", "AnyFlowFARPipeline": "anyflow_far"}[
         type(pipe).__name__
@@ -130,7 +133,29 @@ def _generate_latents(
     if model.kind == "anyflow":
         out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, **common)[0]
         return out.permute(0, 2, 1, 3, 4)
-    raise NotImplementedError("causal (AnyFlow-FAR) generation arrives with the causal sampler")
+    if model.kind == "anyflow_far":
+        # Chunk by chunk over the KV cache, `steps` flow-map steps per chunk. On CPU this runs
+        # FlexAttention unfused (forward only; fine under no_grad). The partition is the one the
+        # student was built with and must cover exactly the clip's latent frames. The stock
+        # KV-cache step attends to its zero alignment padding; masking it makes sampling use the
+        # attention the student is trained with (see anystep.models.students).
+        import warnings
+
+        from anystep.models.students import check_chunk_partition, mask_far_inference_padding
+
+        mask_far_inference_padding(model.transformer)
+        partition = list(model.transformer.config.chunk_partition)
+        try:
+            check_chunk_partition(partition, num_frames, int(model.codec.config.scale_factor_temporal))
+        except ValueError as e:
+            raise ValueError(f"{model.folder}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = model.pipe(
+                latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, chunk_partition=partition, **common
+            )[0]
+        return out.permute(0, 2, 1, 3, 4)
+    raise ValueError(f"unknown model kind {model.kind!r}")
 
 
 def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:

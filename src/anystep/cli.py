@@ -1,0 +1,251 @@
+"""``anystep`` command line.
+
+Every user mistake (bad folder, bad flag value, bad recipe) ends in one ``anystep: error: ...``
+line on stderr and exit code 2, with nothing half-written left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "toy-teacher"
+
+
+class UserError(Exception):
+    """Bad input: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--steps must be a comma-separated list of integers, got {text!r}") from None
+    if not steps:
+        raise UserError("--steps is empty")
+    bad = [s for s in steps if s < 1]
+    if bad:
+        raise UserError(f"--steps must be >= 1, got {bad[0]}")
+    return steps
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None and args.prompts is not None:
+        raise UserError("give either --prompt or --prompts, not both")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty")
+        return [args.prompt]
+    if args.prompts is None:
+        raise UserError("one of --prompt or --prompts is required")
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
+        lines.pop()
+    if not lines:
+        raise UserError(f"prompt file is empty: {path}")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise UserError(f"prompt file {path} has an empty line at line {i}")
+    return [line.strip() for line in lines]
+
+
+def _load(folder):
+    from anystep.models.folders import ModelFolderError
+    from anystep.sampling import load_model
+
+    try:
+        return load_model(folder)
+    except ModelFolderError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from anystep.io import frame_grid, write_mp4, write_png
+    from anystep.sampling import generate
+
+    prompts = _read_prompts(args)
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    out = Path(args.out)
+    if len(prompts) == 1 and out.suffix.lower() != ".mp4":
+        raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
+    model = _load(args.model)
+    num_frames = args.num_frames or _default_frames(model)
+    try:
+        _check_frames(model, num_frames, args.height, args.width)
+        videos = []
+        for i in range(0, len(prompts), args.batch_size):
+            chunk = prompts[i : i + args.batch_size]
+            videos.append(
+                generate(
+                    model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames,
+                    height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                )
+            )
+        videos = torch.cat(videos)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    if len(prompts) == 1:
+        write_mp4(videos[0], out, fps=args.fps)
+        write_png(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, v in enumerate(videos):
+            write_mp4(v, out / f"{i:04d}.mp4", fps=args.fps)
+        write_png(frame_grid(videos, scale=2), out / "grid.png")
+        (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        print(f"wrote {len(prompts)} clips and grid.png to {out}")
+    return 0
+
+
+def _default_frames(model) -> int:
+    if model.kind == "anyflow_far":
+        return int(sum(model.transformer.config.chunk_partition))
+    return 7
+
+
+def _check_frames(model, num_frames: int, height: int, width: int) -> None:
+    if num_frames < 1:
+        raise UserError(f"--num-frames must be >= 1, got {num_frames}")
+    model.latent_shape(num_frames, height, width)  # raises ValueError on a bad canvas
+    if model.kind == "anyflow_far":
+        part = list(model.transformer.config.chunk_partition)
+        f_lat = model.latent_shape(num_frames, height, width)[0]
+        if sum(part) != f_lat:
+            raise UserError(
+                f"{f_lat} latent frames do not match the chunk partition {part} (sum {sum(part)})"
+            )
+
+
+def cmd_eval(args) -> int:
+    from anystep.eval.toybench import run_toybench
+
+    steps = _steps_list(args.steps)
+    model = _load(args.model)
+    del model  # validated; run_toybench loads it itself
+    result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts)
+    _print_table(result)
+    return 0
+
+
+def _print_table(result: dict) -> None:
+    rows = result.get("results", [])
+    print(f"\nToyBench  {result.get('model', '')}")
+    print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'FD':>8}")
+    for r in rows:
+        print(
+            f"{r['steps']:>5} {r['nfe']:>5} {r['Quality']:>8.2f} {r['Semantic']:>9.2f} {r['Total']:>7.2f} "
+            f"{r.get('digit_accuracy', float('nan')):>6.1f} {r.get('color_accuracy', float('nan')):>6.1f} "
+            f"{r.get('direction_accuracy', float('nan')):>6.1f} {r.get('frechet', float('nan')):>8.2f}"
+        )
+
+
+def cmd_train(args) -> int:
+    from anystep.config import build_config, to_yaml
+
+    if args.method == "teacher":
+        from anystep.train.teacher import TeacherConfig, train_teacher
+
+        cfg = build_config(TeacherConfig, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        folder = train_teacher(cfg)
+        print(f"teacher written to {folder}")
+        return 0
+    raise UserError(f"unknown training method {args.method!r}")
+
+
+def cmd_student(args) -> int:
+    from anystep.models.folders import ModelFolderError
+    from anystep.models.students import student_folder_from_teacher
+
+    part = None
+    if args.chunk_partition:
+        try:
+            part = tuple(int(x) for x in args.chunk_partition.split(","))
+        except ValueError:
+            raise UserError(f"--chunk-partition must be comma-separated integers, got {args.chunk_partition!r}") from None
+    try:
+        dest = student_folder_from_teacher(args.teacher, args.out, causal=args.causal, chunk_partition=part)
+    except (ModelFolderError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    print(f"student written to {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="anystep", description="AnyFlow any-step video diffusion distillation on diffusers.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate clips at any step count")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt")
+    g.add_argument("--prompts", help="a file with one prompt per line")
+    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="an .mp4 for one prompt, a folder for a prompt file")
+    g.add_argument("--num-frames", type=int, default=None)
+    g.add_argument("--height", type=int, default=32)
+    g.add_argument("--width", type=int, default=32)
+    g.add_argument("--guidance-scale", type=float, default=None, help="teacher default 4.0; students 1.0")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--fps", type=int, default=4)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="ToyBench: score a model at several step counts")
+    e.add_argument("--model", required=True)
+    e.add_argument("--steps", default="1,2,4,8,16,32")
+    e.add_argument("--out", required=True)
+    e.add_argument("--n-prompts", type=int, default=40)
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train", help="train a model")
+    t.add_argument("method", choices=["teacher"])
+    t.add_argument("--config", default=None)
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
+    s.add_argument("--teacher", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--causal", action="store_true", help="AnyFlow-FAR (causal) instead of bidirectional")
+    s.add_argument("--chunk-partition", default=None, help="e.g. 1,3,3,3,3 (causal only)")
+    s.set_defaults(func=cmd_student)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anystep.config import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError) as e:
+        msg = str(e)
+        if not msg.startswith("anystep"):
+            msg = f"anystep: error: {msg}"
+        print(msg, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anystep: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Evaluation: ToyBench, the toy analogue of VBench (DESIGN.md section 4)."""
+
+from anystep.eval.toybench import (
+    QUALITY_KEYS,
+    SEMANTIC_KEYS,
+    SUB_KEYS,
+    analyse_clip,
+    clip_features,
+    clip_scores,
+    frechet_distance,
+    frechet_to_reference,
+    real_clips_for,
+    reference_stats,
+    run_toybench,
+    score_videos,
+    toybench_prompts,
+)
+
+__all__ = [
+    "QUALITY_KEYS",
+    "SEMANTIC_KEYS",
+    "SUB_KEYS",
+    "analyse_clip",
+    "clip_features",
+    "clip_scores",
+    "frechet_distance",
+    "frechet_to_reference",
+    "real_clips_for",
+    "reference_stats",
+    "run_toybench",
+    "score_videos",
+    "toybench_prompts",
+]

@@ -1,0 +1,589 @@
+"""ToyBench: VBench's shape in miniature, for MovingDigits (DESIGN.md section 4).
+
+A clip is scored against its prompt ``"a {color} {digit} moving {direction}"`` on eight
+sub-scores, each a number in [0, 1] per clip:
+
+Semantic (does the clip show what the prompt asks for?)
+  * ``digit_accuracy`` - the digit classifier (:mod:`anystep.eval.classifier`, fitted on the sklearn
+    *train* split only), averaged in probability over the frames that contain a subject, names the
+    prompt's digit.
+  * ``color_accuracy`` - the chroma (RGB divided by brightness) of the bright pixels of the subject
+    is nearest, among every colour the world knows (``ALL_COLORS``), to the prompt's colour.
+  * ``direction_accuracy`` - the subject's centroid moves at least ``MIN_DISPLACEMENT`` of the
+    world's travel over the clip, and the fitted motion is nearest (by angle, among all eight
+    ``ALL_DIRECTIONS``) to the prompt's direction. A static blob is never right.
+
+Quality (is it a clean, coherent clip, whatever it shows?)
+  * ``subject_consistency`` - VBench's subject consistency: the subject's crop, correlated with the
+    first frame's and with the previous frame's crop (Pearson, negatives clipped to 0). A digit that
+    morphs or dissolves scores low; a rigidly moving one scores 1.
+  * ``motion_smoothness`` - how close the centroid trajectory is to constant velocity (the real
+    world's motion): ``exp(-excess rms second difference / SMOOTHNESS_SCALE_PX)``, where the excess
+    is over the jerk the world's own whole-pixel rounding produces (0 for the default world).
+  * ``temporal_flicker`` - motion-compensated frame change: the next frame is shifted back by the
+    subject's (integer) motion and compared with this one; the summed absolute brightness change over
+    the canvas, relative to the subject's brightness (its window mass), gives
+    ``1 - ratio / FLICKER_SCALE`` clipped to [0, 1]. It contains the change of total brightness (the
+    summed absolute change bounds it) but, unlike a bare total-brightness check - which stationary
+    noise passes, its totals being stable - it also catches a background that boils or a subject
+    whose pixels shimmer.
+  * ``background_cleanliness`` - the share of brightness energy (brightness squared) inside the
+    best digit-sized window, rescaled so that a uniform spread (window area / canvas area) is 0 and
+    everything inside the window is 1. Real clips have a pure black background.
+  * ``dynamic_degree`` - VBench's dynamic degree, continuous: fitted displacement over the clip
+    divided by the world's ``travel``, capped at 1. Pairs with smoothness: a frozen clip is
+    perfectly smooth, and this is what stops that from being free.
+
+Every Quality sub-score is multiplied by the fraction of frames that contain a subject at all (a
+window with at least ``MIN_SUBJECT_MASS`` brightness), so a digit that vanishes loses credit and
+an all-black clip scores 0 everywhere.
+
+Aggregates, as in VBench: Semantic = 100 * mean of the three accuracies, Quality = 100 * mean of the
+five quality sub-scores, Total = 0.8 * Quality + 0.2 * Semantic. Plus ``frechet``: the Frechet
+(Gaussian) distance between the generated clips' classifier features (hidden layer, mean over frames)
+and those of ``REFERENCE_CLIPS`` fixed held-out real clips; a distribution-level check on what the
+digits look like.
+
+Calibration (default world, 32x32, 7 frames), see tests/test_toybench.py: held-out real clips score
+Semantic ~99, Quality 100; clipped Gaussian noise and all-black clips score Total < 40.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anystep.data.moving_digits import (
+    ALL_COLORS,
+    ALL_DIRECTIONS,
+    MovingDigits,
+    WorldConfig,
+    make_prompt,
+    parse_prompt,
+)
+from anystep.eval.classifier import brightness, crop_features, crops, get_classifier, window_sums
+
+TOYBENCH_VERSION = 1
+
+# --- calibration constants (changing any of them changes every ToyBench number) ----------------
+MIN_SUBJECT_MASS = 8.0  # brightness units; a real 16x16 digit carries ~50-120
+BRIGHT = 0.5  # brightness above which a pixel counts for the colour estimate
+MIN_DISPLACEMENT = 0.25  # fraction of world.travel the subject must move for a direction to count
+SMOOTHNESS_SCALE_PX = 2.0  # rms second difference (px) at which smoothness falls to 1/e
+FLICKER_SCALE = 1.0  # aligned frame change, relative to the subject's brightness, at which flicker reaches 0
+REFERENCE_CLIPS = 200
+REFERENCE_SEED = 1
+PROMPT_BASE_SEED = 1000
+
+SEMANTIC_KEYS = ("digit_accuracy", "color_accuracy", "direction_accuracy")
+QUALITY_KEYS = (
+    "subject_consistency",
+    "motion_smoothness",
+    "temporal_flicker",
+    "background_cleanliness",
+    "dynamic_degree",
+)
+SUB_KEYS = SEMANTIC_KEYS + QUALITY_KEYS
+QUALITY_WEIGHT = 0.8
+SEMANTIC_WEIGHT = 0.2
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def toybench_prompts(n: int = 40, world: WorldConfig | None = None) -> list[tuple[str, int]]:
+    """The fixed ToyBench prompt set: ``n`` (prompt, seed) pairs, deterministic.
+
+    Clip ``i`` asks for digit ``i % 10``, colour ``colors[i % C]`` and direction
+    ``directions[(i + i // C) % D]``; with the default world and ``n = 40`` every digit appears 4
+    times, every colour and every direction 10 times, and every (colour, direction) pair 2-3 times. Seeds
+    are consecutive (``PROMPT_BASE_SEED + i``), matching :func:`anystep.sampling.generate`'s
+    "clip i of a batch uses seed + i" rule, so any contiguous batch reproduces the same clips.
+    """
+    world = world or WorldConfig()
+    nc, nd = len(world.colors), len(world.directions)
+    out = []
+    for i in range(n):
+        prompt = make_prompt(world.colors[i % nc], i % 10, world.directions[(i + i // nc) % nd])
+        out.append((prompt, PROMPT_BASE_SEED + i))
+    return out
+
+
+# --- per-clip analysis ---------------------------------------------------------------------------
+
+
+def _as_numpy(videos) -> np.ndarray:
+    if hasattr(videos, "detach"):
+        videos = videos.detach().cpu().float().numpy()
+    return np.asarray(videos, dtype=np.float32)
+
+
+def _fit_displacement(centroids: np.ndarray, frames: np.ndarray, num_frames: int) -> np.ndarray:
+    """Least-squares velocity of the centroid (rows, cols per frame) times the clip length."""
+    t = frames.astype(np.float64)
+    t = t - t.mean()
+    denom = (t**2).sum()
+    if denom <= 0:
+        return np.zeros(2)
+    vel = (t[:, None] * (centroids - centroids.mean(0))).sum(0) / denom
+    return vel * (num_frames - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _rounding_jerk(travel: int, num_frames: int) -> float:
+    """RMS second difference (px) of the world's own trajectory, whose positions are rounded to whole
+    pixels: 0 when ``travel`` divides evenly over the frames (the default 12 px over 7 frames), up
+    to ~0.6 px otherwise. Motion smoothness only counts jerk beyond this."""
+    pos = np.rint(travel * np.arange(num_frames) / (num_frames - 1))
+    dd = pos[2:] - 2 * pos[1:-1] + pos[:-2]
+    return float(np.sqrt((dd**2).mean())) if len(dd) else 0.0
+
+
+def _nearest_direction(disp: np.ndarray) -> str:
+    names = list(ALL_DIRECTIONS)
+    vecs = np.array([ALL_DIRECTIONS[k] for k in names], np.float64)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return names[int((vecs @ (disp / np.linalg.norm(disp))).argmax())]
+
+
+def _nearest_color(chroma: np.ndarray) -> str:
+    names = list(ALL_COLORS)
+    table = np.array([ALL_COLORS[k] for k in names], np.float64)
+    return names[int(((table - chroma) ** 2).sum(1).argmin())]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / d) if d > 1e-12 else 0.0
+
+
+def _aligned_change(a: np.ndarray, b: np.ndarray, shift: tuple[int, int]) -> float:
+    """Summed |a(x) - b(x + shift)| over the canvas.
+
+    Measured on the region where both are on the canvas and scaled up to the full canvas area, so a
+    large (spurious) shift cannot hide change by shrinking the overlap.
+    """
+    dr, dc = shift
+    h, w = a.shape
+    ra, rb = slice(max(0, -dr), min(h, h - dr)), slice(max(0, dr), min(h, h + dr))
+    ca, cb = slice(max(0, -dc), min(w, w - dc)), slice(max(0, dc), min(w, w + dc))
+    d = np.abs(a[ra, ca] - b[rb, cb])
+    return float(d.mean()) * h * w if d.size else float(np.abs(a - b).sum())
+
+
+def analyse_clip(video, world: WorldConfig | None = None) -> dict:
+    """Everything ToyBench measures about one clip (F, 3, H, W) in [-1, 1], prompt-independent.
+
+    Returns a dict with the subject's per-frame ``centroid`` (F, 2), ``present`` mask, the fitted
+    ``displacement`` (2,), the estimated ``color`` name, the classifier's mean ``digit_proba`` (10,),
+    the clip ``features`` (mean hidden activation over frames) and the five Quality sub-scores.
+    """
+    world = world or WorldConfig()
+    video = _as_numpy(video)
+    nf = video.shape[0]
+    size = world.digit_size
+    clf = get_classifier(world)
+    b = brightness(video)
+    x, loc = crop_features(b, size)
+    present = loc.window_mass >= MIN_SUBJECT_MASS
+    pfrac = float(present.mean())
+    idx = np.flatnonzero(present)
+    hidden = clf.features(x)
+    proba = clf.predict_proba(x[present]).mean(0) if len(idx) else np.zeros(10)
+
+    # Colour: mean chroma (RGB / brightness) of the bright pixels inside the subject windows.
+    rgb = np.clip((video + 1.0) * 0.5, 0.0, 1.0)
+    num, den = np.zeros(3), 0.0
+    for f in idx:
+        r, c = loc.top_left[f]
+        pix = rgb[f, :, r : r + size, c : c + size].reshape(3, -1)
+        bb = b[f, r : r + size, c : c + size].reshape(-1)
+        m = bb > BRIGHT
+        if m.any():
+            num += (pix[:, m] / bb[m]).sum(1)
+            den += float(m.sum())
+    color = _nearest_color(num / den) if den > 0 else None
+
+    # Motion: centroid trajectory of the present frames.
+    cen = loc.centroid
+    disp = _fit_displacement(cen[idx], idx, nf) if len(idx) >= 2 else np.zeros(2)
+    dist = float(np.linalg.norm(disp))
+
+    # Quality sub-scores.
+    if len(idx) >= 2:
+        cr = crops(b, loc, size)
+        first = cr[idx[0]]
+        sims = [
+            0.5 * (max(_pearson(cr[f], first), 0.0) + max(_pearson(cr[f], cr[g]), 0.0))
+            for g, f in zip(idx[:-1], idx[1:])
+        ]
+        consistency = float(np.mean(sims))
+        dd = [
+            cen[f + 1] - 2 * cen[f] + cen[f - 1]
+            for f in range(1, nf - 1)
+            if present[f - 1] and present[f] and present[f + 1]
+        ]
+        rms = math.sqrt(float(np.mean([(d**2).sum() for d in dd]))) if dd else (0.0 if nf == 2 else math.inf)
+        smoothness = math.exp(-max(rms - _rounding_jerk(world.travel, nf), 0.0) / SMOOTHNESS_SCALE_PX)
+        flick = []
+        for f in range(nf - 1):
+            if present[f] and present[f + 1]:
+                shift = tuple(int(v) for v in np.rint(cen[f + 1] - cen[f]))
+                ratio = _aligned_change(b[f], b[f + 1], shift) / (0.5 * (loc.window_mass[f] + loc.window_mass[f + 1]))
+                flick.append(min(max(1.0 - ratio / FLICKER_SCALE, 0.0), 1.0))
+            else:
+                flick.append(0.0)
+        flicker = float(np.mean(flick))
+        dynamic = min(dist / world.travel, 1.0)
+    else:
+        consistency = smoothness = flicker = dynamic = 0.0
+    # Cleanliness: share of brightness energy in the heaviest digit-sized window, 0 = uniform spread.
+    area = size * size / (b.shape[1] * b.shape[2])
+    b2 = b.astype(np.float64) ** 2
+    best = window_sums(b2, size).reshape(nf, -1).max(1)
+    tot = b2.reshape(nf, -1).sum(1)
+    frac = np.where(tot > 1e-8, best / np.maximum(tot, 1e-8), area)
+    clean = np.clip((frac - area) / (1.0 - area), 0.0, 1.0)
+    cleanliness = float(np.mean(clean))
+
+    quality = {
+        "subject_consistency": consistency * pfrac,
+        "motion_smoothness": smoothness * pfrac,
+        "temporal_flicker": flicker * pfrac,
+        "background_cleanliness": cleanliness * pfrac,
+        "dynamic_degree": dynamic * pfrac,
+    }
+    return {
+        "centroid": cen,
+        "present": present,
+        "displacement": disp,
+        "color": color,
+        "digit_proba": proba,
+        "features": hidden.mean(0),
+        "quality": quality,
+    }
+
+
+def clip_scores(video, prompt: str, world: WorldConfig | None = None, analysis: dict | None = None) -> dict[str, float]:
+    """The eight sub-scores (fractions in [0, 1]) of one clip against its prompt, plus
+    ``quality``, ``semantic`` and ``total`` on the 0-100 scale."""
+    world = world or WorldConfig()
+    a = analysis if analysis is not None else analyse_clip(video, world)
+    color, digit, direction = parse_prompt(prompt)
+    present_any = bool(a["present"].any())
+    dist = float(np.linalg.norm(a["displacement"]))
+    s = {
+        "digit_accuracy": float(present_any and int(np.argmax(a["digit_proba"])) == digit),
+        "color_accuracy": float(a["color"] == color),
+        "direction_accuracy": float(
+            dist >= MIN_DISPLACEMENT * world.travel and _nearest_direction(a["displacement"]) == direction
+        ),
+        **a["quality"],
+    }
+    s["semantic"] = 100.0 * float(np.mean([s[k] for k in SEMANTIC_KEYS]))
+    s["quality"] = 100.0 * float(np.mean([s[k] for k in QUALITY_KEYS]))
+    s["total"] = QUALITY_WEIGHT * s["quality"] + SEMANTIC_WEIGHT * s["semantic"]
+    return s
+
+
+# --- Frechet distance ----------------------------------------------------------------------------
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))``."""
+    import warnings
+
+    from scipy import linalg
+
+    diff = mu1 - mu2
+    # With fewer clips than feature dimensions a covariance is singular; sqrtm still returns the
+    # right square root of the PSD product, it just warns.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            eps = np.eye(len(mu1)) * 1e-6
+            covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = np.real(covmean)
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean), 0.0))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(features, np.float64)
+    mu = f.mean(0)
+    sigma = np.cov(f, rowvar=False) if len(f) > 1 else np.zeros((f.shape[1], f.shape[1]))
+    return mu, sigma
+
+
+@functools.lru_cache(maxsize=8)
+def reference_stats(
+    world: WorldConfig | None = None, n: int = REFERENCE_CLIPS, seed: int = REFERENCE_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the clip features of ``n`` held-out real clips (``MovingDigits("heldout", seed)``)."""
+    world = world or WorldConfig()
+    videos, _ = MovingDigits("heldout", world, seed=seed).batch(range(n))
+    return feature_stats(clip_features(videos, world))
+
+
+def clip_features(videos, world: WorldConfig | None = None) -> np.ndarray:
+    """(B, F, 3, H, W) -> (B, hidden): classifier hidden features, mean over each clip's frames."""
+    world = world or WorldConfig()
+    videos = _as_numpy(videos)
+    clf = get_classifier(world)
+    size = world.digit_size
+    b = brightness(videos.reshape(-1, *videos.shape[2:]))
+    x, _ = crop_features(b, size)
+    return clf.features(x).reshape(videos.shape[0], videos.shape[1], -1).mean(1)
+
+
+def frechet_to_reference(features: np.ndarray, world: WorldConfig | None = None) -> float:
+    mu_r, sig_r = reference_stats(world or WorldConfig())
+    mu, sig = feature_stats(features)
+    return frechet_distance(mu, sig, mu_r, sig_r)
+
+
+# --- batch scoring -------------------------------------------------------------------------------
+
+
+def score_videos(videos, prompts: list[str], world: WorldConfig | None = None) -> dict:
+    """Score clips (B, F, 3, H, W) in [-1, 1] against their prompts.
+
+    Returns ``Quality``, ``Semantic``, ``Total`` and every sub-score as 0-100 numbers (means over
+    clips), ``frechet`` (to the held-out reference), ``n``, and ``per_clip``: a dict of per-clip lists
+    (0-100) for every sub-score and ``quality``/``semantic``/``total``, in prompt order, so that
+    later code can bootstrap over prompts. Aggregates are exactly the means of the per-clip lists.
+    """
+    world = world or WorldConfig()
+    videos = _as_numpy(videos)
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(videos)} videos for {len(prompts)} prompts")
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must be (B, F, 3, H, W), got {videos.shape}")
+    if videos.shape[-1] != world.canvas or videos.shape[-2] != world.canvas:
+        raise ValueError(f"videos are {videos.shape[-2]}x{videos.shape[-1]}, the world canvas is {world.canvas}")
+    per_clip: dict[str, list[float]] = {k: [] for k in SUB_KEYS + ("quality", "semantic", "total")}
+    feats = []
+    for v, p in zip(videos, prompts):
+        a = analyse_clip(v, world)
+        feats.append(a["features"])
+        s = clip_scores(v, p, world, analysis=a)
+        for k in SUB_KEYS:
+            per_clip[k].append(100.0 * s[k])
+        for k in ("quality", "semantic", "total"):
+            per_clip[k].append(s[k])
+    out: dict = {"n": len(prompts)}
+    for k in SUB_KEYS:
+        out[k] = float(np.mean(per_clip[k]))
+    out["Quality"] = float(np.mean(per_clip["quality"]))
+    out["Semantic"] = float(np.mean(per_clip["semantic"]))
+    out["Total"] = float(np.mean(per_clip["total"]))
+    out["frechet"] = frechet_to_reference(np.stack(feats), world)
+    out["per_clip"] = per_clip
+    return out
+
+
+def real_clips_for(prompts: list[tuple[str, int]] | list[str], world: WorldConfig | None = None) -> np.ndarray:
+    """Held-out real clips matching each prompt (seeded by the prompt's seed): ToyBench's ceiling."""
+    world = world or WorldConfig()
+    ds = MovingDigits("heldout", world, seed=REFERENCE_SEED)
+    out = []
+    for i, item in enumerate(prompts):
+        prompt, seed = item if isinstance(item, tuple) else (item, i)
+        c, d, m = parse_prompt(prompt)
+        out.append(ds.clip_for(c, d, m, seed).video)
+    return np.stack(out)
+
+
+# --- running a model -----------------------------------------------------------------------------
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _to_image(frame: np.ndarray) -> np.ndarray:
+    return np.clip((np.transpose(frame, (1, 2, 0)) + 1.0) * 0.5, 0.0, 1.0)
+
+
+def save_sample_grid(videos, prompts: list[str], path, title: str = "") -> None:
+    """PNG grid of clips: one row per clip (labelled with its prompt), frames as columns."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    videos = _as_numpy(videos)
+    n, nf, _, h, w = videos.shape
+    pad = 2
+    grid = np.full((n * (h + pad) - pad, nf * (w + pad) - pad, 3), 0.35, np.float32)
+    for i in range(n):
+        for f in range(nf):
+            grid[i * (h + pad) : i * (h + pad) + h, f * (w + pad) : f * (w + pad) + w] = _to_image(videos[i, f])
+    fig = Figure(figsize=(1.0 + 0.55 * nf + 2.2, 0.6 + 0.6 * n), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_yticks([i * (h + pad) + h / 2 for i in range(n)])
+    ax.set_yticklabels(prompts, fontsize=7)
+    ax.set_xticks([f * (w + pad) + w / 2 for f in range(nf)])
+    ax.set_xticklabels([str(f) for f in range(nf)], fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def _short(folder: str) -> str:
+    """The last two path parts: model folders are usually ``<run>/model``."""
+    parts = Path(folder).parts
+    return "/".join(parts[-2:])
+
+
+def plot_toybench(result: dict, path) -> None:
+    """Quality / Semantic / Total against NFE (log2 axis), real-clip ceiling dashed; FD beside it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(result["results"].values(), key=lambda r: r["nfe"])
+    x = [r["nfe"] for r in rows]
+    fig = Figure(figsize=(10, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for key, col in (("Quality", "tab:blue"), ("Semantic", "tab:orange"), ("Total", "tab:green")):
+        ax.plot(x, [r[key] for r in rows], "o-", color=col, label=key)
+        if "real" in result:
+            ax.axhline(result["real"][key], color=col, ls="--", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE per clip")
+    ax.set_ylabel("ToyBench score (0-100)")
+    ax.set_ylim(0, 102)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(v) for v in x])
+    ax.legend(fontsize=8, title="dashed: real clips", title_fontsize=7)
+    ax.set_title(f"{result.get('kind', '')}: {_short(result.get('model_folder', ''))}", fontsize=9)
+    ax2.plot(x, [r["frechet"] for r in rows], "o-", color="tab:red")
+    if "real" in result:
+        ax2.axhline(result["real"]["frechet"], color="tab:red", ls="--", lw=0.8)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels([str(v) for v in x])
+    ax2.set_xlabel("NFE per clip")
+    ax2.set_ylabel("Frechet distance to held-out clips")
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames: int, batch_size: int) -> np.ndarray:
+    from anystep.sampling import generate
+
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
+        if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+            # generate() draws clip i of a batch from seed + i: a contiguous run batches exactly.
+            out.append(_as_numpy(generate(model, texts, steps, seed=seeds[0], num_frames=num_frames)))
+        else:
+            for t, sd in zip(texts, seeds):
+                out.append(_as_numpy(generate(model, [t], steps, seed=sd, num_frames=num_frames)))
+    return np.concatenate(out)
+
+
+def default_num_frames(model) -> int:
+    """The world's 7 frames; for a causal (AnyFlow-FAR) student, the frame count its chunk partition
+    covers (``(latent_frames - 1) * temporal_factor + 1``), since it can only generate that."""
+    nf = WorldConfig().num_frames
+    if getattr(model, "kind", None) == "anyflow_far":
+        part = getattr(model.transformer.config, "chunk_partition", None)
+        if part:
+            ft = int(model.codec.config.scale_factor_temporal)
+            nf = (int(sum(part)) - 1) * ft + 1
+    return nf
+
+
+def run_toybench(
+    model_folder,
+    steps=(1, 2, 4, 8, 16, 32),
+    out_dir=None,
+    n_prompts: int = 40,
+    num_frames: int | None = None,
+    batch_size: int = 20,
+    n_show: int = 4,
+) -> dict:
+    """Generate the ToyBench prompt set at each step count, score it, write the results.
+
+    Writes ``out_dir/toybench.json`` (rewritten atomically after every step count, so a partial run
+    leaves valid results), ``out_dir/toybench.png`` (scores against NFE) and
+    ``out_dir/samples_{steps}.png`` (the first ``n_show`` clips). ``out_dir`` defaults to
+    ``<model_folder>/../toybench``. ``num_frames`` defaults to :func:`default_num_frames` (7, or what
+    a causal student's chunk partition covers). Returns the JSON dict:
+    ``model_folder``, ``kind``, ``toybench_version``, ``num_frames``, ``prompts`` (prompt, seed),
+    ``real`` (the same prompts rendered from held-out real clips: the ceiling) and ``results``:
+    ``{str(steps): {steps, nfe, Quality, Semantic, Total, <sub-scores>, frechet, per_clip_total,
+    per_clip, seconds}}``.
+    """
+    from anystep.sampling import load_model, nfe
+
+    model_folder = Path(model_folder)
+    out_dir = Path(out_dir) if out_dir is not None else model_folder.parent / "toybench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_folder)
+    num_frames = int(num_frames or default_num_frames(model))
+    world = WorldConfig(num_frames=num_frames)
+    world.validate()
+    prompts = toybench_prompts(n_prompts, world)
+    texts = [p for p, _ in prompts]
+
+    real = score_videos(real_clips_for(prompts, world), texts, world)
+    result: dict = {
+        "model_folder": str(model_folder),
+        "kind": model.kind,
+        "toybench_version": TOYBENCH_VERSION,
+        "num_frames": num_frames,
+        "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
+        "real": {k: v for k, v in real.items() if k != "per_clip"},
+        "results": {},
+    }
+    for s in steps:
+        s = int(s)
+        t0 = time.time()
+        videos = _generate_all(model, prompts, s, num_frames, batch_size)
+        gen_s = time.time() - t0
+        sc = score_videos(videos, texts, world)
+        row = {"steps": s, "nfe": int(nfe(model, s))}
+        row.update({k: v for k, v in sc.items() if k != "per_clip"})
+        row["per_clip_total"] = sc["per_clip"]["total"]
+        row["per_clip"] = sc["per_clip"]
+        row["seconds"] = round(gen_s, 2)
+        result["results"][str(s)] = row
+        save_sample_grid(
+            videos[:n_show], texts[:n_show], out_dir / f"samples_{s}.png", title=f"{model.kind}, {s} steps (NFE {row['nfe']})"
+        )
+        _atomic_write_json(out_dir / "toybench.json", result)
+        print(
+            f"[toybench] steps={s:<3d} nfe={row['nfe']:<3d} Quality={row['Quality']:5.1f} "
+            f"Semantic={row['Semantic']:5.1f} Total={row['Total']:5.1f} FD={row['frechet']:.3g} "
+            f"(gen {gen_s:.1f}s)",
+            flush=True,
+        )
+    plot_toybench(result, out_dir / "toybench.png")
+    return result

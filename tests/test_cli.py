@@ -1,0 +1,121 @@
+"""The command line: one-line errors with exit code 2, no partial output, working happy paths."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anystep.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000))
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("anystep"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_generate_writes_mp4_and_png(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    rc = main(["generate", "--model", str(teacher_dir), "--prompt", "a red three moving left", "--steps", "2", "--out", str(out)])
+    assert rc == 0
+    assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
+    import imageio.v2 as imageio
+
+    frames = imageio.mimread(out)
+    assert len(frames) == 7 and frames[0].shape == (128, 128, 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_generate_from_prompt_file(teacher_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red three moving left\na blue one moving up\n")
+    out = tmp_path / "clips"
+    assert main(["generate", "--model", str(teacher_dir), "--prompts", str(prompts), "--steps", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.mp4", "0001.mp4", "grid.png", "prompts.txt"]
+
+
+@pytest.mark.parametrize(
+    "args_fn, fragment",
+    [
+        (lambda d, t: ["--model", str(t / "nope")], "not found"),
+        (lambda d, t: ["--model", str(d), "--steps", "0"], "--steps must be >= 1"),
+        (lambda d, t: ["--model", str(d), "--height", "30"], "divisible"),
+        (lambda d, t: ["--model", str(d), "--steps", "two"], "invalid int"),
+    ],
+)
+def test_generate_bad_input(teacher_dir, tmp_path, capsys, args_fn, fragment):
+    out = tmp_path / "clip.mp4"
+    base = ["generate", "--prompt", "a red three moving left", "--out", str(out)]
+    rc = main(base + args_fn(teacher_dir, tmp_path))
+    assert rc == 2
+    assert fragment in _err(capsys)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_malformed_model_folder(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model_index.json").write_text("{not json")
+    assert main(["generate", "--model", str(bad), "--prompt", "a red one moving up", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "not valid JSON" in _err(capsys)
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}))
+    assert main(["generate", "--model", str(bad), "--prompt", "a red one moving up", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "transformer/ is missing" in _err(capsys)
+    (bad / "transformer").mkdir()
+    assert main(["generate", "--model", str(bad), "--prompt", "a red one moving up", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "names no 'vae'" in _err(capsys)
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_empty_prompt_file(teacher_dir, tmp_path, capsys):
+    p = tmp_path / "p.txt"
+    p.write_text("\n")
+    assert main(["generate", "--model", str(teacher_dir), "--prompts", str(p), "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in _err(capsys)
+    p.write_text("a red one moving up\n\na blue two moving left\n")
+    assert main(["generate", "--model", str(teacher_dir), "--prompts", str(p), "--out", str(tmp_path / "o")]) == 2
+    assert "line 2" in _err(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_rejects_zero_steps(teacher_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(teacher_dir), "--steps", "1,0", "--out", str(tmp_path / "ev")]) == 2
+    assert "--steps must be >= 1" in _err(capsys)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_train_dry_run_and_bad_override(tmp_path, capsys):
+    assert main(["train", "teacher", "--config", "configs/toy/teacher.yaml", "--dry-run", "steps=7", "lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "lr: 0.001" in out
+    assert main(["train", "teacher", "--dry-run", "no_such_key=1"]) == 2
+    assert "unknown config key" in _err(capsys)
+    assert main(["train", "teacher", "--config", str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    assert "not found" in _err(capsys)
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point, run as a process: exit 2, one stderr line, no traceback."""
+    exe = Path(sys.executable).with_name("anystep")
+    proc = subprocess.run(
+        [str(exe), "generate", "--model", str(tmp_path / "missing"), "--prompt", "a red one moving up", "--out", str(tmp_path / "c.mp4")],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

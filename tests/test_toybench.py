@@ -1,0 +1,178 @@
+"""ToyBench calibration and behaviour (DESIGN.md section 4).
+
+The calibration facts the benchmark promises: held-out real clips sit at the top (Semantic >= 95,
+Quality >= 90), pure noise and all-black clips at the bottom, and each sub-score reacts to the one
+thing it measures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, parse_prompt
+from anystep.eval import (
+    QUALITY_KEYS,
+    SUB_KEYS,
+    clip_features,
+    clip_scores,
+    frechet_distance,
+    frechet_to_reference,
+    real_clips_for,
+    run_toybench,
+    score_videos,
+    toybench_prompts,
+)
+
+WORLD = WorldConfig()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    prompts = toybench_prompts(40, WORLD)
+    texts = [p for p, _ in prompts]
+    return prompts, texts, real_clips_for(prompts, WORLD)
+
+
+def test_prompts_balanced_and_deterministic():
+    prompts = toybench_prompts(40, WORLD)
+    assert prompts == toybench_prompts(40, WORLD)
+    assert len({s for _, s in prompts}) == 40
+    parsed = [parse_prompt(p) for p, _ in prompts]
+    assert set(Counter(c for c, _, _ in parsed).values()) == {10}
+    assert set(Counter(d for _, d, _ in parsed).values()) == {4}
+    assert set(Counter(m for _, _, m in parsed).values()) == {10}
+    assert set(Counter((c, m) for c, _, m in parsed)) == {(c, m) for c in WORLD.colors for m in WORLD.directions}
+
+
+def test_real_heldout_clips_score_at_the_top(bench):
+    _, texts, real = bench
+    r = score_videos(real, texts, WORLD)
+    assert r["Semantic"] >= 95
+    assert r["Quality"] >= 90
+    assert r["Total"] >= 90
+    assert r["color_accuracy"] == 100 and r["direction_accuracy"] == 100
+    # A second, independent draw of held-out clips (their own prompts).
+    videos, prompts = MovingDigits("heldout", WORLD, seed=7).batch(range(100))
+    r2 = score_videos(videos, prompts, WORLD)
+    assert r2["Semantic"] >= 95 and r2["Quality"] >= 90
+
+
+def test_noise_and_black_score_at_the_bottom(bench):
+    _, texts, _ = bench
+    noise = torch.randn((40, 7, 3, 32, 32), generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    r = score_videos(noise, texts, WORLD)
+    assert r["Semantic"] <= 20  # chance is 10% digit, ~0 colour, ~1/8 direction
+    assert r["Quality"] <= 30
+    assert r["Total"] <= 30
+    black = -np.ones((40, 7, 3, 32, 32), np.float32)
+    rb = score_videos(black, texts, WORLD)
+    assert rb["Total"] <= 5 and rb["Semantic"] <= 5
+
+
+def test_scores_are_in_range_and_aggregate_the_per_clip_lists(bench):
+    _, texts, real = bench
+    r = score_videos(real[:8], texts[:8], WORLD)
+    for k in SUB_KEYS + ("Quality", "Semantic", "Total"):
+        assert 0.0 <= r[k] <= 100.0
+    for k in SUB_KEYS:
+        assert len(r["per_clip"][k]) == 8
+        assert r[k] == pytest.approx(np.mean(r["per_clip"][k]))
+    assert r["Total"] == pytest.approx(0.8 * r["Quality"] + 0.2 * r["Semantic"])
+    assert r["Total"] == pytest.approx(np.mean(r["per_clip"]["total"]))
+
+
+def test_swapped_colour_fails_colour_accuracy():
+    ds = MovingDigits("heldout", WORLD, seed=3)
+    clip = ds.clip_for("red", 3, "right", seed=0)
+    green = clip.video[:, [1, 0, 2]]  # red channel -> green channel
+    assert clip_scores(clip.video, clip.prompt, WORLD)["color_accuracy"] == 1.0
+    assert clip_scores(green, clip.prompt, WORLD)["color_accuracy"] == 0.0
+    assert clip_scores(green, make_prompt("green", 3, "right"), WORLD)["color_accuracy"] == 1.0
+
+
+def test_wrong_direction_fails_direction_accuracy():
+    ds = MovingDigits("heldout", WORLD, seed=3)
+    for direction, opposite in (("left", "right"), ("up", "down")):
+        clip = ds.clip_for("blue", 5, direction, seed=1)
+        reverse = clip.video[::-1].copy()
+        assert clip_scores(clip.video, clip.prompt, WORLD)["direction_accuracy"] == 1.0
+        assert clip_scores(reverse, clip.prompt, WORLD)["direction_accuracy"] == 0.0
+        assert clip_scores(reverse, make_prompt("blue", 5, opposite), WORLD)["direction_accuracy"] == 1.0
+
+
+def test_static_clip_has_low_dynamic_degree():
+    clip = MovingDigits("heldout", WORLD, seed=3).clip_for("yellow", 7, "down", seed=2)
+    static = np.repeat(clip.video[:1], WORLD.num_frames, axis=0)
+    s = clip_scores(static, clip.prompt, WORLD)
+    assert s["dynamic_degree"] < 0.05
+    assert s["direction_accuracy"] == 0.0
+    assert clip_scores(clip.video, clip.prompt, WORLD)["dynamic_degree"] > 0.95
+
+
+def test_quality_subscores_react_to_their_defect():
+    clip = MovingDigits("heldout", WORLD, seed=3).clip_for("green", 2, "up", seed=4)
+    base = clip_scores(clip.video, clip.prompt, WORLD)
+    assert all(base[k] > 0.99 for k in QUALITY_KEYS)
+    pulsing = clip.video.copy()
+    pulsing[1::2] = (pulsing[1::2] + 1.0) * 0.5 - 1.0  # every other frame at half brightness
+    assert clip_scores(pulsing, clip.prompt, WORLD)["temporal_flicker"] < 0.8
+    dirty = clip.video.copy()
+    dirty[:, :, :4, :] = 1.0  # a bright bar along the top
+    assert clip_scores(dirty, clip.prompt, WORLD)["background_cleanliness"] < 0.8
+
+
+def test_scoring_is_deterministic(bench):
+    _, texts, real = bench
+    noise = torch.randn((6, 7, 3, 32, 32), generator=torch.Generator().manual_seed(1)).clamp(-1, 1).numpy()
+    videos = np.concatenate([real[:6], noise])
+    a = score_videos(videos, texts[:12], WORLD)
+    b = score_videos(videos.copy(), texts[:12], WORLD)
+    assert a == b
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    sig = np.cov(rng.normal(size=(50, 4)), rowvar=False)
+    mu = rng.normal(size=4)
+    assert frechet_distance(mu, sig, mu, sig) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(mu, sig, mu + 1.0, sig) == pytest.approx(4.0, rel=1e-5)
+
+    real, _ = MovingDigits("heldout", WORLD, seed=2).batch(range(200))
+    fd_real = frechet_to_reference(clip_features(real, WORLD), WORLD)
+    noise = torch.randn((200, 7, 3, 32, 32), generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    fd_noise = frechet_to_reference(clip_features(noise, WORLD), WORLD)
+    assert fd_real * 10 < fd_noise
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000))
+
+
+def test_run_toybench_end_to_end(tiny_teacher, tmp_path):
+    out = tmp_path / "bench"
+    res = run_toybench(tiny_teacher, steps=[1, 2], out_dir=out, n_prompts=4, batch_size=4)
+    on_disk = json.loads((out / "toybench.json").read_text())
+    assert on_disk["kind"] == res["kind"] == "teacher"
+    assert on_disk["model_folder"] == str(tiny_teacher)
+    assert [p["prompt"] for p in on_disk["prompts"]] == [p for p, _ in toybench_prompts(4, WORLD)]
+    assert set(on_disk["results"]) == {"1", "2"}
+    for s in (1, 2):
+        row = on_disk["results"][str(s)]
+        assert row["steps"] == s and row["nfe"] == 2 * s  # teacher with guidance: 2 calls a step
+        for k in SUB_KEYS + ("Quality", "Semantic", "Total"):
+            assert 0.0 <= row[k] <= 100.0
+        assert row["frechet"] >= 0.0 and np.isfinite(row["frechet"])
+        assert len(row["per_clip_total"]) == 4
+        assert (out / f"samples_{s}.png").stat().st_size > 0
+    assert (out / "toybench.png").stat().st_size > 0
+    assert on_disk["real"]["Semantic"] >= 95
+    assert not list(out.glob("*.tmp"))
