@@ -119,3 +119,14 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_config_values_take_the_field_type():
+    from anystep.config import ConfigError, build_config
+    from anystep.train.teacher import TeacherConfig
+
+    cfg = build_config(TeacherConfig, None, ["lr=1e-3", "steps=10", "betas=[0.5,0.9]", "train_text_encoder=false"])
+    assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)
+    assert cfg.steps == 10 and cfg.betas == (0.5, 0.9) and cfg.train_text_encoder is False
+    with pytest.raises(ConfigError, match="expects int"):
+        build_config(TeacherConfig, None, ["steps=ten"])

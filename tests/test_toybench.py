@@ -133,6 +133,12 @@ def test_scoring_is_deterministic(bench):
     a = score_videos(videos, texts[:12], WORLD)
     b = score_videos(videos.copy(), texts[:12], WORLD)
     assert a == b
+    # The classifier itself refits to identical weights (fixed seed, one BLAS thread).
+    from anystep.eval.classifier import DigitClassifier, get_classifier
+
+    refit = DigitClassifier(WORLD)
+    for w_new, w_old in zip(refit.mlp.coefs_, get_classifier(WORLD).mlp.coefs_):
+        assert np.array_equal(w_new, w_old)
 
 
 def test_frechet_distance():

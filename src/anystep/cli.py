@@ -234,7 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     from anystep.config import ConfigError
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse cannot interleave a nargs="*" positional with options, so key=value
+        # overrides that follow an option arrive here.
+        if getattr(args, "overrides", None) is not None:
+            args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+            extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+        if extra:
+            raise UserError(f"anystep: unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
     except (UserError, ConfigError) as e:
         msg = str(e)

@@ -67,13 +67,40 @@ def build_config(cls, path: str | Path | None = None, overrides: list[str] | Non
     if unknown:
         raise ConfigError(f"unknown config key(s) for {cls.__name__}: {', '.join(unknown)}")
     for k, v in list(data.items()):
-        default = names[k].default
-        if isinstance(default, tuple) and isinstance(v, list):
-            data[k] = tuple(v)
+        data[k] = _coerce(k, v, names[k])
     try:
         return cls(**data)
     except TypeError as e:
         raise ConfigError(str(e)) from None
+
+
+def _coerce(key: str, value, f: dataclasses.Field):
+    """Bring a YAML value to the field's type: YAML reads ``1e-3`` as a string, for one."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if isinstance(default, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(type(d)(x) for d, x in zip(default, value)) if len(value) == len(default) else tuple(value)
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} expects {type(default).__name__}, got {value!r}") from None
+    return value
 
 
 def to_yaml(cfg) -> str:
