@@ -142,8 +142,8 @@ def cmd_eval(args) -> int:
 
 
 def _print_table(result: dict) -> None:
-    rows = result.get("results", [])
-    print(f"\nToyBench  {result.get('model', '')}")
+    rows = sorted(result.get("results", {}).values(), key=lambda r: r["steps"])
+    print(f"\nToyBench  {result.get('model_folder', '')}")
     print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'FD':>8}")
     for r in rows:
         print(

@@ -126,9 +126,7 @@ def _generate_latents(
     )
     if model.kind == "teacher":
         g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
-        # WanPipeline takes (B, C, F, h, w) latents and returns them in the same layout.
-        out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, negative_prompt="", **common)[0]
-        return out.permute(0, 2, 1, 3, 4)
+        return _teacher_euler_cfg(model, prompts, steps, noise, g)
     g = 1.0 if guidance_scale is None else guidance_scale
     if model.kind == "anyflow":
         out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, **common)[0]
@@ -156,6 +154,41 @@ def _generate_latents(
             )[0]
         return out.permute(0, 2, 1, 3, 4)
     raise ValueError(f"unknown model kind {model.kind!r}")
+
+
+def _teacher_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Euler with classifier-free guidance on the same shifted grid the flow-map students use.
+
+    ``WanPipeline``'s default scheduler puts its N timesteps on ``linspace(1, 1/1000, N)`` and adds a
+    final jump to 0; sampling teacher and students on one grid, ``shift(linspace(1, 0, N + 1))``,
+    keeps "teacher at 4 x 2 NFE vs AnyFlow at 4 NFE" a like-for-like comparison. Text goes through
+    the pipeline's own ``encode_prompt``.
+    """
+    from anystep.flow.schedule import sampling_grid
+
+    pipe = model.pipe
+    shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
+    cond, null = pipe.encode_prompt(
+        prompt=list(prompts),
+        negative_prompt=[""] * len(prompts),
+        do_classifier_free_guidance=guidance > 1.0,
+        max_sequence_length=model.max_sequence_length,
+        device=noise.device,
+    )
+    net = pipe.transformer
+    embeds = torch.cat([cond, null]) if guidance > 1.0 else cond
+    grid = sampling_grid(steps, shift)
+    z = noise.float()
+    for i in range(steps):
+        zz = z.permute(0, 2, 1, 3, 4).to(net.dtype)
+        zz = torch.cat([zz, zz]) if guidance > 1.0 else zz
+        t = (grid[i] * 1000).float().expand(zz.shape[0])
+        v = net(zz, t, embeds.to(net.dtype), return_dict=False)[0].float()
+        if guidance > 1.0:
+            vc, vu = v.chunk(2)
+            v = vu + guidance * (vc - vu)
+        z = z + float(grid[i + 1] - grid[i]) * v.permute(0, 2, 1, 3, 4)
+    return z
 
 
 def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,29 @@ def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig
     return {k: float((pred(swapped(k)) - base).pow(2).mean().sqrt() / scale) for k in ("color", "digit", "direction")}
 
 
+def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float = 5.0, num_frames: int = 7, seed: int = 0) -> Path:
+    """Write a teacher folder from a training checkpoint (EMA weights by default)."""
+    from anystep.models.folders import save_teacher_folder
+
+    state = torch.load(ckpt_path, weights_only=False)
+    world = WorldConfig(num_frames=num_frames)
+    codec = fit_codec(torch.from_numpy(MovingDigits("train", world, seed=seed).batch(range(256))[0]))
+    tokenizer = build_word_tokenizer()
+    text_encoder = build_tiny_umt5(len(tokenizer))
+    text_encoder.load_state_dict(state["text_encoder"])
+    model = build_toy_transformer()
+    model.load_state_dict(state["model"])
+    if use_ema:
+        ema = EMA(model, 0.0)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(model)
+        if state.get("ema_text"):
+            ema_t = EMA(text_encoder, 0.0)
+            ema_t.load_state_dict(state["ema_text"])
+            ema_t.copy_to(text_encoder)
+    return save_teacher_folder(dest, model.eval(), text_encoder.eval(), tokenizer, codec, shift=shift)
+
+
 def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
