@@ -166,6 +166,17 @@ def cmd_train(args) -> int:
         folder = train_teacher(cfg)
         print(f"teacher written to {folder}")
         return 0
+    if args.method == "stage1":
+        from anystep.train.stage1 import Stage1Config, train_stage1
+
+        cfg = build_config(Stage1Config, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        _load(cfg.init or cfg.teacher)  # a bad folder is a one-line error, before any output exists
+        folder = train_stage1(cfg)
+        print(f"stage-1 model written to {folder}")
+        return 0
     raise UserError(f"unknown training method {args.method!r}")
 
 
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("method", choices=["teacher"])
+    t.add_argument("method", choices=["teacher", "stage1"])
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("overrides", nargs="*", help="key=value overrides")

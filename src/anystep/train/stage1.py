@@ -1,0 +1,216 @@
+"""Stage 1: forward flow-map training (paper Sec. 4.2.1, Algorithm 1), and plain flow matching with
+the same loop (the Table 2 baseline and the teacher fine-tune).
+
+One step, per micro-batch of clean latents x with prompt embeddings c:
+
+1. sample types by global-batch position (50% r = t, 25% r = 0, 25% general), (t, r) = shifted
+   (max, min) of two uniforms;
+2. z = (1 - t) x + t e, v = e - x;
+3. u_c = u(z, t, r | c) with gradient;
+4. one batched no-grad call for u_null = u(z, t, r | null) and the Eq. 4 finite-difference points
+   u(z +- eps v, t +- eps, r | c) -- only for samples with t != r, where (t - r) du/dt is non-zero;
+5. u = (u_c - (1 - g) sg(u_null)) / g (Eq. 6), u_tgt = v - (t - r) du/dt (Eq. 3);
+6. per-sample fp32 MSE, adaptive weight (Eq. 7) on the raw loss, times w(t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.flow.stage1 import (
+    SAMPLE_BOUNDARY,
+    adaptive_weights,
+    finite_difference_derivative,
+    finite_difference_inputs,
+    flow_map_target,
+    guidance_fused_velocity,
+    loss_weight,
+    sample_t_r,
+    sample_types,
+)
+from anystep.train.common import logit_normal_sigma
+
+
+@dataclass
+class Stage1Config:
+    teacher: str = "models/toy-teacher"
+    init: str | None = None  # an AnyFlow folder to continue from instead of converting the teacher
+    out: str = "runs/stage1"
+    method: str = "flowmap"  # "flowmap" (Alg. 1) or "flow_matching" (baseline / teacher fine-tune)
+    num_frames: int = 7
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup: int = 1000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 1000
+    shift: float = 5.0
+    guidance: float = 3.0
+    null_prob: float = 0.1
+    fd_eps: float = 0.005
+    loss_weight: str = "beta"  # beta | uniform | normal (Fig. 10)
+    adaptive: bool = True
+    adaptive_c: float = 1e-5
+    boundary_frac: float = 0.5
+    zero_frac: float = 0.25
+    timestep_cond: str = "interpolated"  # interpolated (gate 0.25 on emb'(r)) | zero_init (emb(t) + emb'(t - r))
+    gate_value: float = 0.25
+    lora_rank: int = 0  # 0 = full fine-tune
+    lora_alpha: int = 0
+    lora_targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: Stage1Config,
+                 gen: torch.Generator, types: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Algorithm 1 on one micro-batch. ``net(z, t, r, emb) -> u``; ``types`` from :func:`sample_types`."""
+    b = x.shape[0]
+    t, r = sample_t_r(types, cfg.shift, generator=gen)
+    e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    z = add_noise(x, e, t)
+    v = e - x
+    is_b = types == SAMPLE_BOUNDARY
+
+    u_c = net(z, t, r, cond).float()
+
+    fd = ~is_b  # (t - r) du/dt vanishes on the boundary: skip those finite-difference points
+    with torch.no_grad():
+        zp, zm, tp, tm = finite_difference_inputs(z[fd], v[fd], t[fd], cfg.fd_eps)
+        out = net(
+            torch.cat([z, zp, zm]),
+            torch.cat([t, tp, tm]),
+            torch.cat([r, r[fd], r[fd]]),
+            torch.cat([null, cond[fd], cond[fd]]),
+        ).float()
+        u_null = out[:b]
+        n_fd = int(fd.sum())
+        dudt = torch.zeros_like(u_c)
+        if n_fd:
+            dudt[fd] = finite_difference_derivative(out[b : b + n_fd], out[b + n_fd :], cfg.fd_eps, cfg.guidance)
+        u_tgt = flow_map_target(v.float(), dudt, t, r)
+
+    u = guidance_fused_velocity(u_c, u_null, cfg.guidance)
+    per = (u - u_tgt).pow(2).flatten(1).mean(1)
+    w_t = loss_weight(t, cfg.loss_weight)
+    if cfg.adaptive:
+        a = adaptive_weights(per, is_b, cfg.adaptive_c)
+    else:
+        a = torch.ones_like(per)
+    loss = (per * a * w_t).mean()
+    metrics = {
+        "loss_boundary": per[is_b].mean().item(),
+        "loss_general": per[~is_b].mean().item() if bool((~is_b).any()) else 0.0,
+    }
+    return loss, metrics
+
+
+def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Plain flow matching at r = t (logit-normal t + shift): the baseline of Table 2."""
+    b = x.shape[0]
+    t = shift_sigma(logit_normal_sigma(b, generator=gen), cfg.shift)
+    e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    z = add_noise(x, e, t)
+    u = net(z, t, t, cond).float()
+    per = (u - (e - x).float()).pow(2).flatten(1).mean(1)
+    return per.mean(), {}
+
+
+class Stage1Method:
+    """Builds the student and the per-micro-step loss closure the shared loop calls."""
+
+    def __init__(self, cfg: Stage1Config, rank: int = 0, world_size: int = 1):
+        from anystep.data.toy_batches import ToyBatches
+        from anystep.models.students import flow_map_velocity, student_from_teacher
+        from anystep.sampling import load_model
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        src = load_model(cfg.init or cfg.teacher)
+        self.pipe = src.pipe
+        if src.kind == "teacher":
+            student = student_from_teacher(src.transformer, gate_value=cfg.gate_value)
+        elif src.kind == "anyflow":
+            student = src.transformer
+        else:
+            raise ValueError("causal (AnyFlow-FAR) Stage 1 needs the FAR training forward; use a bidirectional folder")
+        if cfg.timestep_cond == "zero_init":
+            _zero_init_delta(student)
+        elif cfg.timestep_cond != "interpolated":
+            raise ValueError(f"timestep_cond must be 'interpolated' or 'zero_init', got {cfg.timestep_cond!r}")
+        self.student = student.float().train()
+        self.pipe.text_encoder.requires_grad_(False)
+        if cfg.lora_rank > 0:
+            from anystep.models.lora import add_student_lora
+
+            add_student_lora(self.student, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, list(cfg.lora_targets))
+        self.net = lambda z, t, r, emb: flow_map_velocity(self.student, z, t, r, emb)
+        self.data = ToyBatches(self.pipe, num_frames=cfg.num_frames, seed=cfg.seed)
+
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        from anystep.train.loop import step_generator
+
+        cfg = self.cfg
+        gen = step_generator(cfg.seed, step, micro)
+        x, prompts = self.data.batch(step, cfg.batch_size, micro, cfg.grad_accum, self.rank, self.world_size)
+        drop = torch.rand(len(prompts), generator=gen) < cfg.null_prob
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        cond, null = self.data.embed(prompts), self.data.null(len(prompts))
+        if cfg.method == "flow_matching":
+            return flow_matching_loss(self.net, x, cond, null, cfg, gen)
+        if cfg.method != "flowmap":
+            raise ValueError(f"method must be 'flowmap' or 'flow_matching', got {cfg.method!r}")
+        b = cfg.batch_size
+        types = sample_types(b * self.world_size, cfg.boundary_frac, cfg.zero_frac)[self.rank * b : (self.rank + 1) * b]
+        # A rank's slice of the global split may hold no boundary sample; keep the weight finite.
+        if not bool((types == SAMPLE_BOUNDARY).any()):
+            types = types.clone()
+            types[0] = SAMPLE_BOUNDARY
+        return flowmap_loss(self.net, x, cond, null, cfg, gen, types)
+
+
+def _zero_init_delta(student) -> None:
+    """Ablation: the prior-work conditioning emb(t) + emb'(t - r) with emb' starting at zero output.
+
+    diffusers' mixture is (1 - gate) emb(t) + gate emb'(.); gate 0.5 with both halves doubled is
+    exactly emb(t) + emb'(t - r). emb' is zero-initialised at its output layer.
+    """
+    ce = student.condition_embedder
+    ce.deltatime_type = "t-r"
+    ce.delta_emb_gate.fill_(0.5)
+    with torch.no_grad():
+        ce.time_embedder.linear_2.weight.mul_(2.0)
+        ce.time_embedder.linear_2.bias.mul_(2.0)
+        ce.delta_embedder.linear_2.weight.zero_()
+        ce.delta_embedder.linear_2.bias.zero_()
+    student.register_to_config(gate_value=0.5, deltatime_type="t-r")
+
+
+def train_stage1(cfg: Stage1Config) -> Path:
+    from anystep.models.folders import save_anyflow_folder
+    from anystep.train.loop import TrainLoop, write_resolved_config
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    method = Stage1Method(cfg)
+    loop = TrainLoop(method.student, cfg.out, cfg, name=f"stage1:{cfg.method}")
+    write_resolved_config(Path(cfg.out), cfg)
+    loop.maybe_resume()
+    loop.run(method.loss, cfg.steps)
+    final = loop.ema_module().eval()
+    if cfg.lora_rank > 0:
+        from anystep.models.lora import merge_student_lora
+
+        final = merge_student_lora(final)
+    pipe = method.pipe
+    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
