@@ -1,0 +1,142 @@
+"""Stage 1 (Alg. 1) on a tiny teacher: finite losses, FD vs JVP, identity at t = r, exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from anystep.flow.stage1 import finite_difference_derivative, finite_difference_inputs, sample_types
+from anystep.models.students import flow_map_velocity, student_from_teacher
+from anystep.train.stage1 import Stage1Config, Stage1Method, flowmap_loss, train_stage1
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000,
+                                       transformer=dict(num_layers=2, ffn_dim=128)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _cfg(teacher_dir, tmp_path, **kw):
+    base = dict(teacher=str(teacher_dir), out=str(tmp_path / "s1"), steps=2, batch_size=4, warmup=1, log_every=1, ckpt_every=1)
+    return Stage1Config(**{**base, **kw})
+
+
+@pytest.mark.parametrize("batch", range(1, 9))
+def test_loss_is_finite_for_every_batch_size(teacher_dir, tmp_path, batch):
+    method = Stage1Method(_cfg(teacher_dir, tmp_path, batch_size=batch))
+    loss, metrics = method.loss(step=0, micro=0)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in method.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_rank_slices_keep_a_boundary_sample(teacher_dir, tmp_path):
+    """Global batch 4 over 4 ranks: ranks 2 and 3 hold no boundary position of the global split."""
+    for rank in range(4):
+        method = Stage1Method(_cfg(teacher_dir, tmp_path, batch_size=1), rank=rank, world_size=4)
+        assert math.isfinite(method.loss(0, 0)[0].item())
+
+
+def test_finite_difference_agrees_with_jvp(teacher_dir):
+    """Eq. 4's central difference vs the exact total derivative d/dt u(z_t, t, r) by forward-mode AD
+    (math attention backend, the only one with JVP on CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from anystep.sampling import load_model
+
+    pipe = load_model(teacher_dir).pipe
+    student = student_from_teacher(pipe.transformer).float().eval()
+    # A barely trained network still reads the fastest timestep sinusoids (up to 1 rad per
+    # timestep = 1000 rad per unit sigma), which no eps = 0.005 difference can resolve. Silence the
+    # sinusoids faster than 20 rad / sigma, so the check measures the difference quotient, not an
+    # untrained network's roughness.
+    half = student.config.freq_dim // 2
+    freqs = 1000 * torch.exp(-math.log(10000) * torch.arange(half) / half)
+    fast = torch.cat([freqs, freqs]) > 20
+    with torch.no_grad():
+        for emb in (student.condition_embedder.time_embedder, student.condition_embedder.delta_embedder):
+            emb.linear_1.weight[:, fast] = 0
+    torch.manual_seed(0)
+    x, e = torch.randn(2, 7, 48, 8, 8), torch.randn(2, 7, 48, 8, 8)
+    emb = torch.randn(2, 8, 64)
+    t, r = torch.tensor([0.8, 0.55]), torch.tensor([0.3, 0.1])
+    z, v = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * e, e - x
+
+    def f(zz, tt):
+        return flow_map_velocity(student, zz, tt, r, emb)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, jvp = torch.func.jvp(f, (z, t), (v, torch.ones_like(t)))
+        with torch.no_grad():
+            zp, zm, tp, tm = finite_difference_inputs(z, v, t, 0.005)
+            fd = finite_difference_derivative(f(zp, tp), f(zm, tm), 0.005, g=1.0)
+    rel = ((fd - jvp).norm() / jvp.norm()).item()
+    print(f"finite difference vs JVP relative error: {rel:.2e}")
+    assert rel < 1e-2
+
+
+def test_identity_at_t_equals_r_after_training(teacher_dir, tmp_path):
+    """f(z, t, t) = z - 0 * u = z holds for the trained student too; the flow-map sampler treats an
+    equal-end step as the identity (diffusers skips it)."""
+    folder = train_stage1(_cfg(teacher_dir, tmp_path, steps=2))
+    from anystep.sampling import load_model
+
+    m = load_model(folder)
+    z = torch.randn(1, 7, 48, 8, 8)
+    emb = torch.randn(1, 8, 64)
+    for s in (0.9, 0.4):
+        u = flow_map_velocity(m.transformer, z, s, s, emb)
+        assert torch.isfinite(u).all()
+        assert torch.equal(z - (s - s) * u, z)
+    # And the trained student moves away from the teacher at r != t only through training.
+    assert (tmp_path / "s1" / "checkpoint.pt").exists()
+
+
+def test_resume_gives_the_same_next_loss(teacher_dir, tmp_path):
+    straight = _cfg(teacher_dir, tmp_path / "a", steps=3, ckpt_every=2)
+    train_stage1(straight)
+    first = [json.loads(l) for l in open(tmp_path / "a" / "s1" / "metrics.jsonl")]
+
+    # "Killed" after step 2 (the checkpoint), then resumed to step 3.
+    killed = _cfg(teacher_dir, tmp_path / "b", steps=2, ckpt_every=2)
+    train_stage1(killed)
+    resumed = _cfg(teacher_dir, tmp_path / "b", steps=3, ckpt_every=2)
+    train_stage1(resumed)
+    second = [json.loads(l) for l in open(tmp_path / "b" / "s1" / "metrics.jsonl")]
+    assert second[-1]["step"] == first[-1]["step"] == 3
+    assert abs(second[-1]["loss"] - first[-1]["loss"]) < 1e-6
+
+
+def test_flow_matching_baseline_and_zero_init_run(teacher_dir, tmp_path):
+    for kw in (dict(method="flow_matching"), dict(timestep_cond="zero_init"), dict(loss_weight="normal", adaptive=False)):
+        method = Stage1Method(_cfg(teacher_dir, tmp_path, **kw))
+        assert math.isfinite(method.loss(0, 0)[0].item())
+
+
+def test_zero_init_conditioning_starts_at_the_teacher(teacher_dir):
+    """emb(t) + emb'(t - r) with emb' zero at the output equals the teacher for every r."""
+    from anystep.models.students import teacher_velocity
+    from anystep.sampling import load_model
+    from anystep.train.stage1 import _zero_init_delta
+
+    pipe = load_model(teacher_dir).pipe
+    s = student_from_teacher(pipe.transformer).float().eval()
+    _zero_init_delta(s)
+    z, emb = torch.randn(1, 7, 48, 8, 8), torch.randn(1, 8, 64)
+    with torch.no_grad():
+        ref = teacher_velocity(pipe.transformer.float(), z, 0.6, emb)
+        got = flow_map_velocity(s, z, 0.6, 0.2, emb)
+    assert (ref - got).abs().max() < 1e-4
