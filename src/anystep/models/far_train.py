@@ -130,7 +130,9 @@ def dense_mask_from_block_mask(block_mask, q_len: int | None = None, kv_len: int
     q_len = int(full_q if q_len is None else q_len)
     kv_len = int(full_kv if kv_len is None else kv_len)
     if q_len > full_q or kv_len > full_kv:
-        raise ValueError(f"requested a ({q_len}, {kv_len}) mask from a BlockMask of size {tuple(block_mask.seq_lengths)}")
+        raise ValueError(
+            f"requested a ({q_len}, {kv_len}) mask from a BlockMask of size {tuple(block_mask.seq_lengths)}"
+        )
     device = block_mask.kv_num_blocks.device
     q = torch.arange(q_len, device=device)[:, None]
     kv = torch.arange(kv_len, device=device)[None, :]
@@ -332,10 +334,9 @@ def _dense_processor_cls():
                 else:  # step: attend to [compressed cache | full cache | this chunk]
                     n_c = kv_cache_flag["num_cached_compressed_tokens"]
                     n_f = kv_cache_flag["num_cached_full_tokens"]
-                    key = torch.cat([kv_cache["compressed_cache"][0, :, :, :n_c], kv_cache["full_cache"][0, :, :, :n_f], key], 2)
-                    value = torch.cat(
-                        [kv_cache["compressed_cache"][1, :, :, :n_c], kv_cache["full_cache"][1, :, :, :n_f], value], 2
-                    )
+                    comp, full = kv_cache["compressed_cache"], kv_cache["full_cache"]
+                    key = torch.cat([comp[0, :, :, :n_c], full[0, :, :, :n_f], key], dim=2)
+                    value = torch.cat([comp[1, :, :, :n_c], full[1, :, :, :n_f], value], dim=2)
 
             if rotary_emb is not None:
                 query = apply_rotary_emb(query, rotary_emb["query"])
@@ -475,7 +476,9 @@ def far_flow_map_velocity(
     hidden = z
     if clean_latents is not None:
         if tuple(clean_latents.shape) != tuple(z.shape):
-            raise ValueError(f"clean_latents must have the shape of z {tuple(z.shape)}, got {tuple(clean_latents.shape)}")
+            raise ValueError(
+                f"clean_latents must have the shape of z {tuple(z.shape)}, got {tuple(clean_latents.shape)}"
+            )
         clean_latents = clean_latents.to(z.device)
         if n_ctx:
             hidden = torch.cat([clean_latents[:, :n_ctx].to(z.dtype), z[:, n_ctx:]], dim=1)

@@ -445,7 +445,7 @@ def mask_far_inference_padding(transformer):
     cls = _padding_masked_processor_cls()
     for block in transformer.blocks:
         proc = block.attn1.processor
-        if type(proc).__name__ == cls.__name__:
+        if isinstance(proc, cls):  # already masked, or the dense CPU processor (a subclass)
             continue
         new = cls()
         # Keep whatever backend the caller configured on the instance (the class default is flex).
