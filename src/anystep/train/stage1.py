@@ -42,6 +42,11 @@ class Stage1Config:
     out: str = "runs/stage1"
     method: str = "flowmap"  # "flowmap" (Alg. 1) or "flow_matching" (baseline / teacher fine-tune)
     num_frames: int = 7
+    causal: bool = False  # AnyFlow-FAR student (clean-context teacher forcing over the chunk partition)
+    chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3)
+    min_chunks: int = 3  # causal: with prob chunk_sample_prob the chunk count is U[min_chunks, n], else min_chunks
+    chunk_sample_prob: float = 0.5
+    bidirectional_aux_prob: float = 0.1  # causal: extra flow-matching pass over the whole clip, one chunk
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -75,7 +80,12 @@ class Stage1Config:
 
 def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: Stage1Config,
                  gen: torch.Generator, types: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Algorithm 1 on one micro-batch. ``net(z, t, r, emb) -> u``; ``types`` from :func:`sample_types`."""
+    """Algorithm 1 on one micro-batch. ``types`` from :func:`sample_types`.
+
+    ``net(z, t, r, emb, clean) -> u`` returns u for the last ``u.shape[1]`` frames of the clip
+    (all of them for a bidirectional student; the full-resolution chunks for a causal one, whose
+    earlier frames are compressed clean context); ``clean`` is the clean clip for teacher forcing.
+    """
     b = x.shape[0]
     t, r = sample_t_r(types, cfg.shift, generator=gen)
     e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
@@ -83,16 +93,19 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
     v = e - x
     is_b = types == SAMPLE_BOUNDARY
 
-    u_c = net(z, t, r, cond).float()
+    u_c = net(z, t, r, cond, x).float()
+    v = v[:, x.shape[1] - u_c.shape[1] :]
 
     fd = ~is_b  # (t - r) du/dt vanishes on the boundary: skip those finite-difference points
     with torch.no_grad():
-        zp, zm, tp, tm = finite_difference_inputs(z[fd], v[fd], t[fd], cfg.fd_eps)
+        v_full = e[fd] - x[fd]
+        zp, zm, tp, tm = finite_difference_inputs(z[fd], v_full, t[fd], cfg.fd_eps)
         out = net(
             torch.cat([z, zp, zm]),
             torch.cat([t, tp, tm]),
             torch.cat([r, r[fd], r[fd]]),
             torch.cat([null, cond[fd], cond[fd]]),
+            torch.cat([x, x[fd], x[fd]]),
         ).float()
         u_null = out[:b]
         n_fd = int(fd.sum())
@@ -122,8 +135,9 @@ def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generat
     t = shift_sigma(logit_normal_sigma(b, generator=gen), cfg.shift)
     e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
     z = add_noise(x, e, t)
-    u = net(z, t, t, cond).float()
-    per = (u - (e - x).float()).pow(2).flatten(1).mean(1)
+    u = net(z, t, t, cond, x).float()
+    v = (e - x)[:, x.shape[1] - u.shape[1] :]
+    per = (u - v.float()).pow(2).flatten(1).mean(1)
     return per.mean(), {}
 
 
@@ -139,11 +153,16 @@ class Stage1Method:
         src = load_model(cfg.init or cfg.teacher)
         self.pipe = src.pipe
         if src.kind == "teacher":
-            student = student_from_teacher(src.transformer, gate_value=cfg.gate_value)
-        elif src.kind == "anyflow":
+            student = student_from_teacher(
+                src.transformer, causal=cfg.causal, gate_value=cfg.gate_value,
+                chunk_partition=tuple(cfg.chunk_partition) if cfg.causal else None,
+            )
+        elif src.kind in ("anyflow", "anyflow_far"):
+            if (src.kind == "anyflow_far") != cfg.causal:
+                raise ValueError(f"{cfg.init}: a {src.kind} folder does not fit causal={cfg.causal}")
             student = src.transformer
         else:
-            raise ValueError("causal (AnyFlow-FAR) Stage 1 needs the FAR training forward; use a bidirectional folder")
+            raise ValueError(f"cannot start Stage 1 from a {src.kind} folder")
         if cfg.timestep_cond == "zero_init":
             _zero_init_delta(student)
         elif cfg.timestep_cond != "interpolated":
@@ -154,8 +173,34 @@ class Stage1Method:
             from anystep.models.lora import add_student_lora
 
             add_student_lora(self.student, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, list(cfg.lora_targets))
-        self.net = lambda z, t, r, emb: flow_map_velocity(self.student, z, t, r, emb)
+        if cfg.causal:
+            from anystep.models.far_train import far_attention_for_device
+            from anystep.models.students import check_chunk_partition
+
+            check_chunk_partition(cfg.chunk_partition, cfg.num_frames)
+            if len(cfg.chunk_partition) < cfg.min_chunks:
+                raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
+            far_attention_for_device(self.student, next(self.student.parameters()).device)
+        else:
+            self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
         self.data = ToyBatches(self.pipe, num_frames=cfg.num_frames, seed=cfg.seed)
+
+    def _causal_net(self, partition, teacher_forcing: bool = True):
+        from anystep.models.far_train import far_flow_map_velocity
+
+        def net(z, t, r, emb, clean):
+            return far_flow_map_velocity(
+                self.student, z, t, r, emb, partition, clean_latents=clean if teacher_forcing else None
+            )
+
+        return net
+
+    def chunk_count(self, gen: torch.Generator) -> int:
+        """Causal recipe: with prob ``chunk_sample_prob`` U[min_chunks, n_chunks], else min_chunks."""
+        n = len(self.cfg.chunk_partition)
+        if float(torch.rand((), generator=gen)) < self.cfg.chunk_sample_prob:
+            return int(torch.randint(self.cfg.min_chunks, n + 1, (), generator=gen))
+        return self.cfg.min_chunks
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from anystep.train.loop import step_generator
@@ -166,8 +211,21 @@ class Stage1Method:
         drop = torch.rand(len(prompts), generator=gen) < cfg.null_prob
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         cond, null = self.data.embed(prompts), self.data.null(len(prompts))
+        net = self.net if not cfg.causal else None
+        aux = None
+        if cfg.causal:
+            # Chunk count and the auxiliary pass are drawn from a stream shared by all ranks.
+            shared = step_generator(cfg.seed, step, micro, stream=1)
+            k = self.chunk_count(shared)
+            part = tuple(cfg.chunk_partition[:k])
+            x = x[:, : sum(part)]
+            net = self._causal_net(part)
+            if float(torch.rand((), generator=shared)) < cfg.bidirectional_aux_prob:
+                full = (x.shape[1],)
+                aux = flow_matching_loss(self._causal_net(full, teacher_forcing=False), x, cond, null, cfg, gen)[0]
         if cfg.method == "flow_matching":
-            return flow_matching_loss(self.net, x, cond, null, cfg, gen)
+            loss, m = flow_matching_loss(net, x, cond, null, cfg, gen)
+            return (loss + aux if aux is not None else loss), m
         if cfg.method != "flowmap":
             raise ValueError(f"method must be 'flowmap' or 'flow_matching', got {cfg.method!r}")
         b = cfg.batch_size
@@ -176,7 +234,11 @@ class Stage1Method:
         if not bool((types == SAMPLE_BOUNDARY).any()):
             types = types.clone()
             types[0] = SAMPLE_BOUNDARY
-        return flowmap_loss(self.net, x, cond, null, cfg, gen, types)
+        loss, m = flowmap_loss(net, x, cond, null, cfg, gen, types)
+        if aux is not None:
+            m["loss_bidirectional_aux"] = aux.item()
+            loss = loss + aux
+        return loss, m
 
 
 def _zero_init_delta(student) -> None:
