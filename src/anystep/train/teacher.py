@@ -38,6 +38,10 @@ class TeacherConfig:
     ema_decay: float = 0.999
     ema_start: int = 500
     shift: float = 5.0
+    # Fraction of each batch whose t is drawn uniformly in (0, 1) instead of logit-normal + shift.
+    # On a 32x32 canvas the shifted logit-normal puts ~5% of samples below sigma 0.5, where the
+    # digit's shape forms; the uniform share covers that range (see README, teacher provenance).
+    uniform_t_frac: float = 0.0
     null_prob: float = 0.1
     train_text_encoder: bool = True
     text_lr_mult: float = 1.0
@@ -182,6 +186,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         x = _latents(codec, videos)
         noise = torch.randn_like(x)
         sigma = shift_sigma(logit_normal_sigma(len(x)), cfg.shift)
+        n_uniform = int(round(cfg.uniform_t_frac * len(x)))
+        if n_uniform:
+            sigma[:n_uniform] = torch.rand(n_uniform)
         z = add_noise(x, noise, sigma)
         with torch.set_grad_enabled(cfg.train_text_encoder):
             emb = encode_prompts(tokenizer, text_encoder, prompts)
