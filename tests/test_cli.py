@@ -130,3 +130,22 @@ def test_config_values_take_the_field_type():
     assert cfg.steps == 10 and cfg.betas == (0.5, 0.9) and cfg.train_text_encoder is False
     with pytest.raises(ConfigError, match="expects int"):
         build_config(TeacherConfig, None, ["steps=ten"])
+
+
+def test_student_command_and_far_frame_check(teacher_dir, tmp_path, capsys):
+    far = tmp_path / "far"
+    assert main(["student", "--teacher", str(teacher_dir), "--out", str(far), "--causal", "--chunk-partition", "1,3,3,3,3"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "c.mp4"
+    # 7 frames cannot be split as (1,3,3,3,3).
+    rc = main(["generate", "--model", str(far), "--prompt", "a red one moving up", "--num-frames", "7", "--steps", "1", "--out", str(out)])
+    assert rc == 2
+    assert "chunk partition" in _err(capsys)
+    assert not out.exists()
+    # The default frame count follows the partition (13 frames).
+    assert main(["generate", "--model", str(far), "--prompt", "a red one moving up", "--steps", "1", "--out", str(out)]) == 0
+    import imageio.v2 as imageio
+
+    assert len(imageio.mimread(out)) == 13
+    assert main(["student", "--teacher", str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    assert "not found" in _err(capsys)

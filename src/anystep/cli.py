@@ -177,6 +177,27 @@ def cmd_train(args) -> int:
         folder = train_stage1(cfg)
         print(f"stage-1 model written to {folder}")
         return 0
+    if args.method == "stage2":
+        from anystep.train.stage2 import Stage2Config, train_stage2
+
+        cfg = build_config(Stage2Config, args.config, args.overrides)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        if cfg.rollout not in ("flowmap", "consistency"):
+            raise UserError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
+        student, teacher = _load(cfg.student), _load(cfg.teacher)  # bad folders: one-line errors first
+        if student.kind not in ("anyflow", "anyflow_far") or (student.kind == "anyflow_far") != cfg.causal:
+            raise UserError(
+                f"{cfg.student}: the Stage-2 student must be an AnyFlow{'-FAR' if cfg.causal else ''} folder "
+                f"(causal={cfg.causal}), got a {student.kind!r} folder"
+            )
+        if teacher.kind != "teacher":
+            raise UserError(f"{cfg.teacher}: the Stage-2 teacher must be a Wan teacher folder, got a {teacher.kind!r} folder")
+        del student, teacher
+        folder = train_stage2(cfg)
+        print(f"stage-2 model written to {folder}")
+        return 0
     raise UserError(f"unknown training method {args.method!r}")
 
 
@@ -225,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("method", choices=["teacher", "stage1"])
+    t.add_argument("method", choices=["teacher", "stage1", "stage2"])
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -1,0 +1,432 @@
+"""Stage 2: on-policy flow-map distillation (paper Sec. 4.2.2, Algorithm 2; DESIGN.md section 3).
+
+Starting from a Stage-1 AnyFlow folder, every iteration runs two 1:1 updates on fresh batches:
+
+**Generator step** (only the student changes):
+
+1. s ~ U(step budgets), g ~ U{0..s-1} from a generator shared by all ranks; pure noise; the
+   student's own rollout *with gradient* -- flow-map backward simulation (Eq. 8, three jumps) or,
+   for the baselines, consistency backward simulation (exit index k);
+2. DMD (Eq. 5): re-noise the rollout x^ at sigma ~ U(0, 1) + shift; x0 predictions
+   x0 = z - sigma v of the *real* score (the teacher with CFG, v = v_c + 3 (v_c - v_u), i.e. an
+   effective guidance of 4) and the *fake* score (the critic, no CFG), both without gradient,
+   scoring the whole clip bidirectionally (also for a causal student); the normalised DMD
+   gradient and the fp64 loss MSE(x^, sg(x^ - grad)) (:mod:`anystep.flow.stage2`);
+3. plus the Stage-1 loss (Alg. 1) on the same batch, weight 1.0 by default -- computed by
+   :class:`anystep.train.stage1.Stage1Method` itself, so the co-trained objective is exactly
+   Stage 1's (prompt dropout, (t, r) split, causal chunk-count sampling included). It keeps the
+   forward flow map (and with it every step count) anchored while DMD pulls the samples towards
+   the teacher's distribution.
+
+**Critic step** (only the critic changes): a rollout *without gradient* with its own s, g, then
+plain flow matching of the critic on that sample at logit-normal t + shift. The critic (the fake
+score) is a LoRA on the teacher, so it starts equal to the teacher and tracks the student's
+distribution; the real score is the same network with the adapters switched off.
+
+Both optimisers: AdamW lr 2e-6, betas (0.0, 0.999), clip 1.0; EMA 0.99 after 200 updates for the
+student and the critic. Randomness comes from :func:`anystep.train.loop.step_generator`: the
+choices every rank must agree on (s, g / k, the DMD sigmas, the critic's t, Stage 1's chunk count)
+from streams shared by all ranks, the noise from per-rank streams -- so a resumed run draws
+exactly what an uninterrupted one would have. Checkpoints are atomic and hold the student, the
+critic, both optimisers, both EMAs and the step; the final folder is the student's EMA weights
+written as a diffusers ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` folder.
+
+Multi-process training is not wired (as in Stage 1, ranks only slice the data and the noise);
+gradients are not all-reduced here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.flow.stage2 import (
+    REFERENCE_STEP_BUDGETS,
+    dmd_gradient,
+    dmd_loss,
+    dmd_renoise_sigma,
+    sample_budget_and_index,
+    x0_from_velocity,
+)
+from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, warmup_lambda
+
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+# step_generator streams. Stage1Method uses 0 (its own draws) and 1 (causal chunk count); ours
+# stay below 97 so (micro, stream) pairs never collide within a step.
+STREAM_GEN_SHARED, STREAM_GEN_NOISE = 11, 12
+STREAM_CRITIC_SHARED, STREAM_CRITIC_NOISE = 13, 14
+_RANK_SEED_STRIDE = 7919
+
+
+@dataclass
+class Stage2Config:
+    student: str = "runs/stage1/model"  # a Stage-1 AnyFlow (or AnyFlow-FAR) folder, EMA weights
+    teacher: str = "models/toy-teacher"  # the Wan teacher folder: real score and critic init
+    out: str = "runs/stage2"
+    rollout: str = "flowmap"  # "flowmap" (Eq. 8) | "consistency" (Self-Forcing / rCM baseline)
+    num_frames: int = 7
+    causal: bool = False  # the student is AnyFlow-FAR; rollouts go chunk by chunk over the KV cache
+    chunk_partition: tuple[int, ...] = ()  # causal: () = the student's own partition
+    use_kv_cache: bool = True  # causal rollouts over the KV cache (False: recompute, same result)
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    step_budgets: tuple[int, ...] = REFERENCE_STEP_BUDGETS  # flow-map rollout: s ~ U(budgets)
+    consistency_steps: int = 4  # consistency rollout: the s-step grid, exit index k ~ U{0..s-1}
+    shift: float = 5.0
+    real_guidance: float = 3.0  # real score v_c + w (v_c - v_u); w = 3 is CFG 4 in the usual form
+    dmd_weight: float = 1.0
+    stage1_weight: float = 1.0  # co-trained Stage-1 loss on the same batch; 0 switches it off
+    stage1: dict = field(default_factory=dict)  # overrides for the co-trained Stage1Config
+    # critic = LoRA on the teacher (rank 0: a full copy of the teacher, fully trained)
+    critic_lora_rank: int = 256
+    critic_lora_alpha: int = 256
+    critic_lora_targets: tuple[str, ...] = LORA_TARGETS
+    # student LoRA (0 = full fine-tune), as in Stage 1
+    lora_rank: int = 0
+    lora_alpha: int = 0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lr: float = 2e-6
+    critic_lr: float = 2e-6
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    warmup: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    ema_start: int = 200
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    threads: int = 0
+
+
+def _student_partition(folder) -> tuple[int, ...]:
+    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    part = cfg.get("chunk_partition")
+    if not part:
+        raise ValueError(f"{folder} is not an AnyFlow-FAR folder (its transformer has no chunk_partition)")
+    return tuple(int(c) for c in part)
+
+
+class _GivenBatch:
+    """Stands in for ``ToyBatches`` inside the co-trained Stage1Method: ``batch()`` returns the
+    generator step's own batch, so the Stage-1 loss sees the same clips and prompts."""
+
+    def __init__(self, data):
+        self._data = data
+        self.current = None
+
+    def batch(self, *args, **kwargs):
+        if self.current is None:
+            raise RuntimeError("no batch handed to the co-trained Stage-1 loss")
+        return self.current
+
+    def __getattr__(self, name):  # embed, null, world, ...
+        return getattr(self._data, name)
+
+
+class Stage2Trainer:
+    """Student, teacher, critic, their optimisers and EMAs, and one Stage-2 iteration."""
+
+    def __init__(self, cfg: Stage2Config, rank: int = 0, world_size: int = 1):
+        from anystep.sampling import load_model
+        from anystep.train.stage1 import Stage1Config, Stage1Method
+
+        if cfg.rollout not in ("flowmap", "consistency"):
+            raise ValueError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
+        if cfg.grad_accum < 1 or cfg.batch_size < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1")
+        if not cfg.step_budgets or min(cfg.step_budgets) < 1:
+            raise ValueError(f"step_budgets must be integers >= 1, got {list(cfg.step_budgets)}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        torch.manual_seed(cfg.seed)  # LoRA initialisation: identical runs, identical adapters
+
+        part = tuple(cfg.chunk_partition) or (_student_partition(cfg.student) if cfg.causal else ())
+        s1 = dict(
+            teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", num_frames=cfg.num_frames,
+            causal=cfg.causal, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift,
+            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
+        )
+        if cfg.causal:
+            s1.update(chunk_partition=part, min_chunks=min(3, len(part)))
+        s1.update(cfg.stage1)
+        self.stage1 = Stage1Method(Stage1Config(**s1), rank, world_size)
+        self.data = self.stage1.data
+        self.stage1.data = self._given = _GivenBatch(self.data)
+        self.student = self.stage1.student
+        self.pipe = self.stage1.pipe
+        self.partition = part
+        if cfg.causal:
+            from anystep.rollout.flowmap import prepare_far_for_rollout
+
+            # (Stage1Method has checked that the partition covers the clip's latent frames.)
+            prepare_far_for_rollout(self.student)
+
+        src = load_model(cfg.teacher)
+        if src.kind != "teacher":
+            raise ValueError(f"{cfg.teacher}: the real score must be a Wan teacher folder, got a {src.kind} folder")
+        self.teacher = src.transformer.float().eval().requires_grad_(False)
+        if cfg.critic_lora_rank > 0:
+            from anystep.models.lora import add_student_lora
+
+            # One network, two scores: the base weights are the teacher (real score, adapters
+            # off), base + LoRA is the critic (fake score). Saves a copy of the teacher.
+            add_student_lora(self.teacher, cfg.critic_lora_rank, cfg.critic_lora_alpha or cfg.critic_lora_rank,
+                             list(cfg.critic_lora_targets), train_embedders=False)
+            self.critic = self.teacher
+        else:
+            import copy
+
+            self.critic = copy.deepcopy(self.teacher).requires_grad_(True)
+
+        self.student_params = [p for p in self.student.parameters() if p.requires_grad]
+        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
+        if not self.student_params or not self.critic_params:
+            raise ValueError("nothing to train: the student or the critic has no trainable parameter")
+        self.opt_g = torch.optim.AdamW(self.student_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warmup_lambda(cfg.warmup))
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, warmup_lambda(cfg.warmup))
+        self.ema_g = EMA(self.student, cfg.ema_decay, cfg.ema_start)
+        self.ema_c = EMA(self.critic, cfg.ema_decay, cfg.ema_start)
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+
+    # -- randomness ------------------------------------------------------------------------------
+    def _shared(self, step: int, micro: int, stream: int) -> torch.Generator:
+        from anystep.train.loop import step_generator
+
+        return step_generator(self.cfg.seed, step, micro, stream)
+
+    def _own(self, step: int, micro: int, stream: int) -> torch.Generator:
+        from anystep.train.loop import step_generator
+
+        return step_generator(self.cfg.seed + _RANK_SEED_STRIDE * (self.rank + 1), step, micro, stream)
+
+    def _rank_slice(self, values: torch.Tensor) -> torch.Tensor:
+        b = self.cfg.batch_size
+        return values[self.rank * b : (self.rank + 1) * b]
+
+    # -- the scores --------------------------------------------------------------------------------
+    @contextmanager
+    def _real(self):
+        """The teacher's own weights: the critic's adapters switched off (and restored exactly)."""
+        if self.critic is not self.teacher:
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in self.teacher.parameters()]
+        self.teacher.disable_adapters()
+        try:
+            yield
+        finally:
+            self.teacher.enable_adapters()
+            for p, f in flags:
+                p.requires_grad_(f)
+
+    @torch.no_grad()
+    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        """x0 of the real score: the teacher with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``."""
+        from anystep.models.students import teacher_velocity
+
+        b = z.shape[0]
+        with self._real():
+            v = teacher_velocity(self.teacher, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([cond, null])).float()
+        v_c, v_u = v[:b], v[b:]
+        return x0_from_velocity(z, v_c + self.cfg.real_guidance * (v_c - v_u), sigma)
+
+    def critic_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        from anystep.models.students import teacher_velocity
+
+        return teacher_velocity(self.critic, z, sigma, cond).float()
+
+    @torch.no_grad()
+    def fake_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x0 of the fake score: the critic, no CFG."""
+        return x0_from_velocity(z, self.critic_velocity(z, sigma, cond), sigma)
+
+    # -- rollouts ------------------------------------------------------------------------------------
+    def rollout(self, noise: torch.Tensor, cond: torch.Tensor, shared: torch.Generator, own: torch.Generator):
+        """The student's rollout from ``noise`` in the caller's grad mode; choices from ``shared``."""
+        from anystep.rollout import consistency_backward_simulation, flowmap_backward_simulation
+
+        cfg = self.cfg
+        kw = dict(chunk_partition=self.partition or None, use_cache=cfg.use_kv_cache)
+        if cfg.rollout == "flowmap":
+            s, g = sample_budget_and_index(cfg.step_budgets, shared)
+            return flowmap_backward_simulation(self.student, noise, cond, s, g, cfg.shift, **kw)
+        s = cfg.consistency_steps
+        k = int(torch.randint(s, (), generator=shared))
+        return consistency_backward_simulation(self.student, noise, cond, s, k, cfg.shift, own, **kw)
+
+    def _batch(self, step: int, slot: int):
+        """Generator micro-batches use slots 0..A-1 of the step, critic ones A..2A-1: fresh data each."""
+        cfg = self.cfg
+        return self.data.batch(step, cfg.batch_size, slot, 2 * cfg.grad_accum, self.rank, self.world_size)
+
+    # -- the two updates -----------------------------------------------------------------------------
+    def generator_loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        shared, own = self._shared(step, micro, STREAM_GEN_SHARED), self._own(step, micro, STREAM_GEN_NOISE)
+        x, prompts = self._batch(step, micro)
+        cond, null = self.data.embed(prompts), self.data.null(len(prompts))
+        noise = torch.randn(x.shape, generator=own)
+        ro = self.rollout(noise, cond, shared, own)
+        x_hat = ro.sample
+        sigma = self._rank_slice(dmd_renoise_sigma(cfg.batch_size * self.world_size, cfg.shift, shared))
+        z = add_noise(x_hat.detach(), torch.randn(x_hat.shape, generator=own), sigma)
+        x0_real = self.real_x0(z, sigma, cond, null)
+        x0_fake = self.fake_x0(z, sigma, cond)
+        grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake)
+        l_dmd = dmd_loss(x_hat, grad)
+        loss = cfg.dmd_weight * l_dmd
+        metrics = {"loss_dmd": l_dmd.item(), **{f"gen_{k}": v for k, v in ro.info.items()}}
+        if cfg.stage1_weight > 0:
+            self._given.current = (x, prompts)
+            try:
+                l_s1, m1 = self.stage1.loss(step, micro)
+            finally:
+                self._given.current = None
+            loss = loss + cfg.stage1_weight * l_s1
+            metrics["loss_stage1"] = l_s1.item()
+            metrics.update({f"stage1_{k}": v for k, v in m1.items()})
+        return loss, metrics
+
+    def critic_loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        shared, own = self._shared(step, micro, STREAM_CRITIC_SHARED), self._own(step, micro, STREAM_CRITIC_NOISE)
+        x, prompts = self._batch(step, cfg.grad_accum + micro)
+        cond = self.data.embed(prompts)
+        noise = torch.randn(x.shape, generator=own)
+        with torch.no_grad():
+            ro = self.rollout(noise, cond, shared, own)
+        x_hat = ro.sample.detach()
+        t = self._rank_slice(shift_sigma(logit_normal_sigma(cfg.batch_size * self.world_size, generator=shared), cfg.shift))
+        e = torch.randn(x_hat.shape, generator=own)
+        v = self.critic_velocity(add_noise(x_hat, e, t), t, cond)
+        loss = (v - (e - x_hat)).pow(2).flatten(1).mean(1).mean()
+        return loss, {f"critic_{k}": val for k, val in ro.info.items()}
+
+    def _update(self, loss_fn, params, opt, sched, ema, module, tag: str) -> dict:
+        cfg = self.cfg
+        opt.zero_grad(set_to_none=True)
+        total, metrics = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            loss, m = loss_fn(self.step, micro)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite {tag} loss {loss.item()} at step {self.step}")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(module, self.step + 1)
+        opt.zero_grad(set_to_none=True)
+        return {f"loss_{tag}": total, f"grad_norm_{tag}": float(gn), **metrics}
+
+    def generator_step(self) -> dict:
+        """One generator update: only the student's parameters move."""
+        return self._update(self.generator_loss, self.student_params, self.opt_g, self.sched_g, self.ema_g, self.student, "generator")
+
+    def critic_step(self) -> dict:
+        """One critic update on a fresh batch: only the critic's parameters move."""
+        return self._update(self.critic_loss, self.critic_params, self.opt_c, self.sched_c, self.ema_c, self.critic, "critic")
+
+    def train_step(self) -> dict:
+        rec = self.generator_step()
+        rec.update(self.critic_step())
+        self.step += 1
+        rec["loss"] = rec["loss_generator"]
+        return rec
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @staticmethod
+    def _trainable(module, params) -> dict:
+        ids = {id(p) for p in params}
+        return {n: p.detach().clone() for n, p in module.named_parameters() if id(p) in ids}
+
+    def save(self) -> None:
+        atomic_torch_save(
+            {
+                "step": self.step,
+                "student": self._trainable(self.student, self.student_params),
+                "critic": self._trainable(self.critic, self.critic_params),
+                "opt_g": self.opt_g.state_dict(),
+                "opt_c": self.opt_c.state_dict(),
+                "sched_g": self.sched_g.state_dict(),
+                "sched_c": self.sched_c.state_dict(),
+                "ema_g": self.ema_g.state_dict(),
+                "ema_c": self.ema_c.state_dict(),
+                "config": asdict(self.cfg),
+            },
+            self.ckpt_path,
+        )
+
+    def maybe_resume(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        state = torch.load(self.ckpt_path, weights_only=False, map_location="cpu")
+        for key, module in (("student", self.student), ("critic", self.critic)):
+            params = dict(module.named_parameters())
+            with torch.no_grad():
+                for k, v in state[key].items():
+                    if k not in params:
+                        raise ValueError(f"checkpoint {self.ckpt_path} does not match the {key} (unknown parameter {k})")
+                    params[k].copy_(v)
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_c.load_state_dict(state["sched_c"])
+        self.ema_g.load_state_dict(state["ema_g"])
+        self.ema_c.load_state_dict(state["ema_c"])
+        self.step = int(state["step"])
+        return True
+
+    def final_student(self):
+        """The student with its EMA weights (LoRA merged), ready to export."""
+        final = self.ema_g.ema_copy(self.student).eval()
+        if self.cfg.lora_rank > 0:
+            from anystep.models.lora import merge_student_lora
+
+            final = merge_student_lora(final)
+        return final
+
+
+def train_stage2(cfg: Stage2Config) -> Path:
+    """Run (or resume) Stage 2 and write ``out/model``, a diffusers folder of the student's EMA weights."""
+    from anystep.models.folders import save_anyflow_folder
+    from anystep.train.loop import write_resolved_config
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer = Stage2Trainer(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg)
+    trainer.maybe_resume()
+    logger = JsonlLogger(out / "metrics.jsonl")
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"stage2:{cfg.rollout}", dynamic_ncols=True, mininterval=2.0)
+    while trainer.step < cfg.steps:
+        rec = trainer.train_step()
+        step = trainer.step
+        bar.update(1)
+        bar.set_postfix(dmd=f"{rec['loss_dmd']:.4f}", critic=f"{rec['loss_critic']:.4f}")
+        rec = {"step": step, **rec, "lr": trainer.sched_g.get_last_lr()[0], "time": time.time() - t0}
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+            logger.log(rec)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            trainer.save()
+    bar.close()
+    pipe = trainer.pipe
+    return save_anyflow_folder(out / "model", trainer.final_student(), pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
