@@ -166,3 +166,13 @@ def test_causal_stage1_writes_a_far_folder(teacher_dir, tmp_path):
     m = load_model(folder)
     assert m.kind == "anyflow_far"
     assert generate_latents(m, ["a red one moving up"], 2, num_frames=13).shape == (1, 13, 48, 8, 8)
+
+
+def test_flow_matching_baseline_trains_the_wan_teacher(teacher_dir, tmp_path):
+    """method=flow_matching from a Wan folder is the teacher fine-tune: a WanPipeline folder out,
+    sampled with Euler + CFG like any teacher."""
+    from anystep.sampling import load_model
+
+    folder = train_stage1(_cfg(teacher_dir, tmp_path, method="flow_matching", steps=1))
+    m = load_model(folder)
+    assert m.kind == "teacher"

@@ -152,7 +152,12 @@ class Stage1Method:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         src = load_model(cfg.init or cfg.teacher)
         self.pipe = src.pipe
-        if src.kind == "teacher":
+        self.wan = src.kind == "teacher" and cfg.method == "flow_matching" and not cfg.causal
+        if self.wan:
+            # Plain flow matching of a Wan teacher is the teacher fine-tune / Table 2 baseline: train
+            # the Wan network itself, so the result is a teacher folder sampled with Euler + CFG.
+            student = src.transformer
+        elif src.kind == "teacher":
             student = student_from_teacher(
                 src.transformer, causal=cfg.causal, gate_value=cfg.gate_value,
                 chunk_partition=tuple(cfg.chunk_partition) if cfg.causal else None,
@@ -163,7 +168,7 @@ class Stage1Method:
             student = src.transformer
         else:
             raise ValueError(f"cannot start Stage 1 from a {src.kind} folder")
-        if cfg.timestep_cond == "zero_init":
+        if cfg.timestep_cond == "zero_init" and not self.wan:
             _zero_init_delta(student)
         elif cfg.timestep_cond != "interpolated":
             raise ValueError(f"timestep_cond must be 'interpolated' or 'zero_init', got {cfg.timestep_cond!r}")
@@ -181,6 +186,10 @@ class Stage1Method:
             if len(cfg.chunk_partition) < cfg.min_chunks:
                 raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
             far_attention_for_device(self.student, next(self.student.parameters()).device)
+        elif self.wan:
+            from anystep.models.students import teacher_velocity
+
+            self.net = lambda z, t, r, emb, clean: teacher_velocity(self.student, z, t, emb)
         else:
             self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
         self.data = ToyBatches(self.pipe, num_frames=cfg.num_frames, seed=cfg.seed)
@@ -275,4 +284,8 @@ def train_stage1(cfg: Stage1Config) -> Path:
 
         final = merge_student_lora(final)
     pipe = method.pipe
+    if method.wan:
+        from anystep.models.folders import save_teacher_folder
+
+        return save_teacher_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
     return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
