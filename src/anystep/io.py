@@ -23,6 +23,8 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary name beside ``path``, then rename (writers such as ffmpeg
+    want a path, not a file object)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)

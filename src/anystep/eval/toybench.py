@@ -53,8 +53,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -408,18 +406,9 @@ def real_clips_for(prompts: list[tuple[str, int]] | list[str], world: WorldConfi
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from anystep.train.common import atomic_write
+
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
 
 
 def _to_image(frame: np.ndarray) -> np.ndarray:

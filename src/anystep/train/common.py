@@ -53,14 +53,15 @@ def warmup_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
+    """Write through ``write(file_object)`` to a temporary file in the same folder, fsync, then
+    rename: a reader (or a crash) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,6 +69,11 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_folder(write_fn, dest: str | os.PathLike) -> None:
