@@ -153,52 +153,52 @@ def _print_table(result: dict) -> None:
         )
 
 
+def _check_stage1(cfg) -> None:
+    _load(cfg.init or cfg.teacher)  # a bad folder is a one-line error, before any output exists
+
+
+def _check_stage2(cfg) -> None:
+    if cfg.rollout not in ("flowmap", "consistency"):
+        raise UserError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
+    student, teacher = _load(cfg.student), _load(cfg.teacher)  # bad folders: one-line errors first
+    if student.kind not in ("anyflow", "anyflow_far") or (student.kind == "anyflow_far") != cfg.causal:
+        raise UserError(
+            f"{cfg.student}: the Stage-2 student must be an AnyFlow{'-FAR' if cfg.causal else ''} folder "
+            f"(causal={cfg.causal}), got a {student.kind!r} folder"
+        )
+    if teacher.kind != "teacher":
+        raise UserError(f"{cfg.teacher}: the Stage-2 teacher must be a Wan teacher folder, got a {teacher.kind!r} folder")
+
+
+def _training_methods() -> dict:
+    """method -> (config class, train function, pre-flight check, what it writes)."""
+    from anystep.train.stage1 import Stage1Config, train_stage1
+    from anystep.train.stage2 import Stage2Config, train_stage2
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    return {
+        "teacher": (TeacherConfig, train_teacher, None, "teacher"),
+        "stage1": (Stage1Config, train_stage1, _check_stage1, "stage-1 model"),
+        "stage2": (Stage2Config, train_stage2, _check_stage2, "stage-2 model"),
+    }
+
+
 def cmd_train(args) -> int:
     from anystep.config import build_config, to_yaml
 
-    if args.method == "teacher":
-        from anystep.train.teacher import TeacherConfig, train_teacher
-
-        cfg = build_config(TeacherConfig, args.config, args.overrides)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        folder = train_teacher(cfg)
-        print(f"teacher written to {folder}")
+    methods = _training_methods()
+    if args.method not in methods:
+        raise UserError(f"unknown training method {args.method!r}")
+    cfg_cls, train, check, what = methods[args.method]
+    cfg = build_config(cfg_cls, args.config, args.overrides)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
         return 0
-    if args.method == "stage1":
-        from anystep.train.stage1 import Stage1Config, train_stage1
-
-        cfg = build_config(Stage1Config, args.config, args.overrides)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        _load(cfg.init or cfg.teacher)  # a bad folder is a one-line error, before any output exists
-        folder = train_stage1(cfg)
-        print(f"stage-1 model written to {folder}")
-        return 0
-    if args.method == "stage2":
-        from anystep.train.stage2 import Stage2Config, train_stage2
-
-        cfg = build_config(Stage2Config, args.config, args.overrides)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        if cfg.rollout not in ("flowmap", "consistency"):
-            raise UserError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
-        student, teacher = _load(cfg.student), _load(cfg.teacher)  # bad folders: one-line errors first
-        if student.kind not in ("anyflow", "anyflow_far") or (student.kind == "anyflow_far") != cfg.causal:
-            raise UserError(
-                f"{cfg.student}: the Stage-2 student must be an AnyFlow{'-FAR' if cfg.causal else ''} folder "
-                f"(causal={cfg.causal}), got a {student.kind!r} folder"
-            )
-        if teacher.kind != "teacher":
-            raise UserError(f"{cfg.teacher}: the Stage-2 teacher must be a Wan teacher folder, got a {teacher.kind!r} folder")
-        del student, teacher
-        folder = train_stage2(cfg)
-        print(f"stage-2 model written to {folder}")
-        return 0
-    raise UserError(f"unknown training method {args.method!r}")
+    if check is not None:
+        check(cfg)
+    folder = train(cfg)
+    print(f"{what} written to {folder}")
+    return 0
 
 
 def cmd_student(args) -> int:

@@ -100,6 +100,16 @@ def atomic_save_folder(write_fn, dest: str | os.PathLike) -> None:
         raise
 
 
+@torch.no_grad()
+def load_trainable(module: torch.nn.Module, tensors: dict, source, what: str = "model") -> None:
+    """Copy checkpointed trainable tensors (by parameter name) into ``module``; refuse a mismatch."""
+    params = dict(module.named_parameters())
+    for k, v in tensors.items():
+        if k not in params:
+            raise ValueError(f"checkpoint {source} does not match the {what} (unknown parameter {k})")
+        params[k].copy_(v)
+
+
 def rng_state() -> dict:
     return {
         "python": random.getstate(),

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, warmup_lambda
+from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, load_trainable, warmup_lambda
 
 
 def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
@@ -77,12 +77,7 @@ class TrainLoop:
         if not self.ckpt_path.exists():
             return False
         state = torch.load(self.ckpt_path, weights_only=False, map_location="cpu")
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                if k not in params:
-                    raise ValueError(f"checkpoint {self.ckpt_path} does not match the model (unknown parameter {k})")
-                params[k].copy_(v)
+        load_trainable(self.module, state["trainable"], self.ckpt_path)
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.ema.load_state_dict(state["ema"])

@@ -376,13 +376,10 @@ class Stage2Trainer:
         if not self.ckpt_path.exists():
             return False
         state = torch.load(self.ckpt_path, weights_only=False, map_location="cpu")
+        from anystep.train.common import load_trainable
+
         for key, module in (("student", self.student), ("critic", self.critic)):
-            params = dict(module.named_parameters())
-            with torch.no_grad():
-                for k, v in state[key].items():
-                    if k not in params:
-                        raise ValueError(f"checkpoint {self.ckpt_path} does not match the {key} (unknown parameter {k})")
-                    params[k].copy_(v)
+            load_trainable(module, state[key], self.ckpt_path, key)
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_c.load_state_dict(state["opt_c"])
         self.sched_g.load_state_dict(state["sched_g"])
