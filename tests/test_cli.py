@@ -15,10 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from anystep.train.teacher import TeacherConfig, train_teacher
+    from conftest import make_tiny_teacher
 
     out = tmp_path_factory.mktemp("teacher")
-    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000))
+    return make_tiny_teacher(out)
 
 
 def _err(capsys):

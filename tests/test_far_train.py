@@ -42,12 +42,6 @@ PARTITIONS = [(1, 3, 3), (1, 2, 2, 2)]  # no compressed chunk / one compressed c
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _tiny_wan(seed: int = 0, **over):

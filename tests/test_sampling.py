@@ -11,10 +11,10 @@ from anystep.sampling import generate, generate_latents, initial_noise, load_mod
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from anystep.train.teacher import TeacherConfig, train_teacher
+    from conftest import make_tiny_teacher
 
     out = tmp_path_factory.mktemp("t")
-    return load_model(train_teacher(TeacherConfig(out=str(out), steps=3, batch_size=4, probe_every=1000, ckpt_every=1000)))
+    return load_model(make_tiny_teacher(out, steps=3))
 
 
 @pytest.mark.parametrize("steps, guidance", [(1, 4.0), (3, 4.0), (3, 1.0)])

@@ -13,19 +13,12 @@ from anystep.train.stage1 import Stage1Config, Stage1Method, flowmap_loss, train
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    from anystep.train.teacher import TeacherConfig, train_teacher
+    from conftest import make_tiny_teacher
 
     out = tmp_path_factory.mktemp("teacher")
-    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000,
-                                       transformer=dict(num_layers=2, ffn_dim=128)))
+    return make_tiny_teacher(out, num_layers=2, ffn_dim=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _cfg(teacher_dir, tmp_path, **kw):

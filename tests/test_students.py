@@ -33,12 +33,6 @@ F_LAT, C, H, W = 7, 48, 8, 8  # the toy world: 7 frames, 32x32 pixels -> 48 x 8 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _tiny_wan(seed: int = 0):

@@ -157,10 +157,10 @@ def test_frechet_distance():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    from anystep.train.teacher import TeacherConfig, train_teacher
+    from conftest import make_tiny_teacher
 
     out = tmp_path_factory.mktemp("teacher")
-    return train_teacher(TeacherConfig(out=str(out), steps=2, batch_size=4, probe_every=1000, ckpt_every=1000))
+    return make_tiny_teacher(out)
 
 
 def test_run_toybench_end_to_end(tiny_teacher, tmp_path):
