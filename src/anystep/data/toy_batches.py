@@ -1,5 +1,8 @@
 """Training batches from the toy world: MovingDigits clips as normalised latents + frozen text embeddings.
 
+The clips go through the model folder's own codec, so the same batches feed a toy teacher (exact
+space-to-depth codec) and a Wan-layout folder (``AutoencoderKLWan``, clip lengths 1 + 4k).
+
 The clip indices of step ``s`` are ``[s * B, (s + 1) * B)`` of a seeded MovingDigits stream, so the
 data position is the step counter and a resumed run reads exactly the clips it would have read.
 """
@@ -10,6 +13,7 @@ import numpy as np
 import torch
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig
+from anystep.models.latents import encode_pixels
 from anystep.models.text import encode_prompts
 
 
@@ -38,8 +42,4 @@ class ToyBatches:
         global_batch = batch_size * world_size
         start = ((step * accum + micro) * global_batch) + rank * batch_size
         videos, prompts = self.data.batch(np.arange(start, start + batch_size))
-        codec = self.pipe.vae
-        x = codec.pixels_to_latents(torch.from_numpy(videos)) if hasattr(codec, "pixels_to_latents") else None
-        if x is None:
-            raise TypeError("ToyBatches needs the toy codec (pixels_to_latents)")
-        return x, prompts
+        return encode_pixels(self.pipe.vae, torch.from_numpy(videos)), prompts

@@ -182,7 +182,9 @@ class Stage1Method:
             from anystep.models.far_train import far_attention_for_device
             from anystep.models.students import check_chunk_partition
 
-            check_chunk_partition(cfg.chunk_partition, cfg.num_frames)
+            from anystep.models.latents import temporal_factor
+
+            check_chunk_partition(cfg.chunk_partition, cfg.num_frames, temporal_factor(self.pipe.vae))
             if len(cfg.chunk_partition) < cfg.min_chunks:
                 raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
             far_attention_for_device(self.student, next(self.student.parameters()).device)
