@@ -56,3 +56,26 @@ def test_bad_steps_and_canvas(teacher):
         generate_latents(teacher, ["a red one moving up"], 0)
     with pytest.raises(ValueError, match="divisible"):
         generate_latents(teacher, ["a red one moving up"], 1, height=36)
+
+
+def test_consistency_folders_use_the_consistency_sampler(teacher, tmp_path):
+    from anystep.models.folders import ModelFolderError, SAMPLER_FILE, save_anyflow_folder
+    from anystep.models.students import student_from_teacher
+    from anystep.rollout.consistency import consistency_generate_latents
+
+    pipe = teacher.pipe
+    student = student_from_teacher(pipe.transformer).eval()
+    flow = save_anyflow_folder(tmp_path / "flow", student, pipe.text_encoder, pipe.tokenizer, pipe.vae)
+    cons = save_anyflow_folder(tmp_path / "cons", student, pipe.text_encoder, pipe.tokenizer, pipe.vae, sampler="consistency")
+    mf, mc = load_model(flow), load_model(cons)
+    assert (mf.sampler, mc.sampler) == ("flowmap", "consistency")
+    prompts = ["a red one moving left", "a blue two moving up"]
+    z_c = generate_latents(mc, prompts, steps=3, seed=5)
+    z_f = generate_latents(mf, prompts, steps=3, seed=5)
+    assert torch.allclose(z_c, consistency_generate_latents(mf, prompts, 3, seed=5), atol=1e-5)
+    # Same weights, same initial noise: the samplers agree at one step and part ways after.
+    assert not torch.allclose(z_c, z_f, atol=1e-3)
+    assert torch.allclose(generate_latents(mc, prompts, steps=1, seed=5), generate_latents(mf, prompts, steps=1, seed=5), atol=1e-4)
+    (cons / SAMPLER_FILE).write_text('{"sampler": "magic"}')
+    with pytest.raises(ModelFolderError, match="unknown sampler"):
+        load_model(cons)

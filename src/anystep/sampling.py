@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anystep.models.folders import load_pipeline
+from anystep.models.folders import load_pipeline, read_sampler
 
 DEFAULT_TEACHER_GUIDANCE = 4.0
 
@@ -26,6 +26,7 @@ class LoadedModel:
     pipe: object
     kind: str  # "teacher" | "anyflow" | "anyflow_far"
     folder: str
+    sampler: str = "flowmap"  # students: "flowmap" (flow-map Euler) | "consistency" (x0 + re-noise)
 
     @property
     def transformer(self):
@@ -78,7 +79,8 @@ def load_model(folder) -> LoadedModel:
     kind = {"WanPipeline": "teacher", "AnyFlowPipeline": "anyflow", "AnyFlowFARPipeline": "anyflow_far"}[
         type(pipe).__name__
     ]
-    return LoadedModel(pipe=pipe, kind=kind, folder=str(folder))
+    sampler = read_sampler(folder) if kind != "teacher" else "euler_cfg"
+    return LoadedModel(pipe=pipe, kind=kind, folder=str(folder), sampler=sampler)
 
 
 def initial_noise(shape_one: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
@@ -128,6 +130,10 @@ def _generate_latents(
         g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
         return _teacher_euler_cfg(model, prompts, steps, noise, g)
     g = 1.0 if guidance_scale is None else guidance_scale
+    if model.sampler == "consistency":
+        from anystep.rollout.consistency import consistency_generate_latents
+
+        return consistency_generate_latents(model, prompts, steps, seed, num_frames, height, width, noise=noise)
     if model.kind == "anyflow":
         out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, **common)[0]
         return out.permute(0, 2, 1, 3, 4)

@@ -39,8 +39,30 @@ def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift
     return Path(dest)
 
 
-def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0) -> Path:
+SAMPLERS = ("flowmap", "consistency")
+# Which sampler a student was trained for. diffusers ignores the file; ``anystep`` reads it so that
+# a consistency baseline is evaluated with the consistency sampler it was trained to serve.
+SAMPLER_FILE = "anystep.json"
+
+
+def read_sampler(folder) -> str:
+    path = Path(folder) / SAMPLER_FILE
+    if not path.exists():
+        return "flowmap"
+    try:
+        sampler = json.loads(path.read_text()).get("sampler", "flowmap")
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    if sampler not in SAMPLERS:
+        raise ModelFolderError(f"{path}: unknown sampler {sampler!r} (expected one of {list(SAMPLERS)})")
+    return sampler
+
+
+def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0, sampler: str = "flowmap") -> Path:
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, AnyFlowFARTransformer3DModel
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
     cls = AnyFlowFARPipeline if isinstance(transformer, AnyFlowFARTransformer3DModel) else AnyFlowPipeline
     pipe = cls(
@@ -50,7 +72,12 @@ def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         transformer=transformer,
         scheduler=FlowMapEulerDiscreteScheduler(shift=shift),
     )
-    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest)
+
+    def write(tmp):
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / SAMPLER_FILE).write_text(json.dumps({"sampler": sampler}) + "\n")
+
+    atomic_save_folder(write, dest)
     return Path(dest)
 
 

@@ -186,4 +186,5 @@ def train_consistency_init(cfg: ConsistencyInitConfig) -> Path:
 
         final = merge_student_lora(final)
     pipe = method.pipe
-    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
+    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
+                               shift=cfg.shift, sampler="consistency")

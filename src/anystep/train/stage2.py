@@ -426,4 +426,7 @@ def train_stage2(cfg: Stage2Config) -> Path:
             trainer.save()
     bar.close()
     pipe = trainer.pipe
-    return save_anyflow_folder(out / "model", trainer.final_student(), pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
+    # A consistency-trained student is served by the consistency sampler (Table 2 baselines).
+    sampler = "consistency" if cfg.rollout == "consistency" else "flowmap"
+    return save_anyflow_folder(out / "model", trainer.final_student(), pipe.text_encoder, pipe.tokenizer, pipe.vae,
+                               shift=cfg.shift, sampler=sampler)
