@@ -130,6 +130,8 @@ def _generate_latents(
         g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
         return _teacher_euler_cfg(model, prompts, steps, noise, g)
     g = 1.0 if guidance_scale is None else guidance_scale
+    if model.sampler == "euler_cfg":
+        return _student_euler_cfg(model, prompts, steps, noise, DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale)
     if model.sampler == "consistency":
         from anystep.rollout.consistency import consistency_generate_latents
 
@@ -160,6 +162,17 @@ def _generate_latents(
             )[0]
         return out.permute(0, 2, 1, 3, 4)
     raise ValueError(f"unknown model kind {model.kind!r}")
+
+
+def _student_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Tensor, guidance: float) -> torch.Tensor:
+    from anystep.models.text import encode_prompts
+    from anystep.rollout.euler import euler_cfg_sample
+
+    pipe = model.pipe
+    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, list(prompts), model.max_sequence_length)
+    null = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), model.max_sequence_length)
+    shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
+    return euler_cfg_sample(model.transformer, noise, cond, null, steps, guidance, shift)
 
 
 def _teacher_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -212,8 +225,8 @@ def generate(model: LoadedModel, prompts: list[str], steps: int, seed: int = 0, 
 
 
 def nfe(model: LoadedModel, steps: int, guidance_scale: float | None = None) -> int:
-    """Network evaluations per clip: teachers with guidance pay two a step."""
-    if model.kind == "teacher":
+    """Network evaluations per clip: teachers (and flow-matching students) with guidance pay two a step."""
+    if model.kind == "teacher" or model.sampler == "euler_cfg":
         g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
         return steps * (2 if g > 1.0 else 1)
     return steps

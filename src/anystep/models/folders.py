@@ -39,9 +39,10 @@ def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift
     return Path(dest)
 
 
-SAMPLERS = ("flowmap", "consistency")
+SAMPLERS = ("flowmap", "consistency", "euler_cfg")
 # Which sampler a student was trained for. diffusers ignores the file; ``anystep`` reads it so that
-# a consistency baseline is evaluated with the consistency sampler it was trained to serve.
+# a consistency baseline is evaluated with the consistency sampler it was trained to serve, and a
+# flow-matching-trained (r = t only) student with Euler + CFG like a teacher.
 SAMPLER_FILE = "anystep.json"
 
 

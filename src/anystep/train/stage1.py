@@ -290,4 +290,7 @@ def train_stage1(cfg: Stage1Config) -> Path:
         from anystep.models.folders import save_teacher_folder
 
         return save_teacher_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
-    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
+    # A student trained by flow matching alone (the causal Table 2 baseline) knows only r = t.
+    sampler = "euler_cfg" if cfg.method == "flow_matching" else "flowmap"
+    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
+                               shift=cfg.shift, sampler=sampler)
