@@ -157,6 +157,11 @@ def _check_stage1(cfg) -> None:
     _load(cfg.init or cfg.teacher)  # a bad folder is a one-line error, before any output exists
 
 
+def _check_teacher_only(cfg) -> None:
+    if _load(cfg.teacher).kind != "teacher":
+        raise UserError(f"{cfg.teacher}: consistency ODE-init starts from a Wan teacher folder")
+
+
 def _check_stage2(cfg) -> None:
     if cfg.rollout not in ("flowmap", "consistency"):
         raise UserError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
@@ -172,6 +177,7 @@ def _check_stage2(cfg) -> None:
 
 def _training_methods() -> dict:
     """method -> (config class, train function, pre-flight check, what it writes)."""
+    from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
     from anystep.train.stage1 import Stage1Config, train_stage1
     from anystep.train.stage2 import Stage2Config, train_stage2
     from anystep.train.teacher import TeacherConfig, train_teacher
@@ -180,6 +186,7 @@ def _training_methods() -> dict:
         "teacher": (TeacherConfig, train_teacher, None, "teacher"),
         "stage1": (Stage1Config, train_stage1, _check_stage1, "stage-1 model"),
         "stage2": (Stage2Config, train_stage2, _check_stage2, "stage-2 model"),
+        "consistency_init": (ConsistencyInitConfig, train_consistency_init, _check_teacher_only, "consistency ODE-init model"),
     }
 
 
@@ -198,6 +205,23 @@ def cmd_train(args) -> int:
         check(cfg)
     folder = train(cfg)
     print(f"{what} written to {folder}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from anystep.reproduce import SettingsChanged, reproduce
+
+    if args.teacher is not None and _load(args.teacher).kind != "teacher":
+        raise UserError(f"{args.teacher}: --teacher must be a Wan teacher folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    command = "anystep " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("anystep") else ""
+    try:
+        reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
+    except SettingsChanged as e:
+        raise UserError(str(e)) from None
+    print(f"report written to {out / 'report.md'}")
     return 0
 
 
@@ -246,11 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("method", choices=["teacher", "stage1", "stage2"])
+    t.add_argument("method", choices=["teacher", "stage1", "stage2", "consistency_init"])
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("reproduce", help="the paper in miniature: train every method, sweep NFE, write the report")
+    r.add_argument("--out", required=True)
+    r.add_argument("--quick", action="store_true", help="the ~15-minute CPU version (the README's main job)")
+    r.add_argument("--teacher", default=None, help="a Wan teacher folder (default: the shipped toy teacher)")
+    r.add_argument("--no-cost", action="store_true", help="skip the per-iteration cost measurement")
+    r.set_defaults(func=cmd_reproduce)
 
     s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
     s.add_argument("--teacher", required=True)

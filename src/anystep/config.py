@@ -61,7 +61,12 @@ def load_yaml(path: str | Path | None) -> dict:
 
 def build_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
     """Instantiate dataclass ``cls`` from a YAML file and overrides, rejecting unknown keys."""
-    data = deep_merge(load_yaml(path), parse_overrides(overrides or []))
+    return build_config_from_dict(cls, deep_merge(load_yaml(path), parse_overrides(overrides or [])))
+
+
+def build_config_from_dict(cls, data: dict):
+    """Instantiate dataclass ``cls`` from a mapping, with the same key checks and type coercion."""
+    data = dict(data)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:

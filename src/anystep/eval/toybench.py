@@ -67,6 +67,7 @@ from anystep.data.moving_digits import (
     parse_prompt,
 )
 from anystep.eval.classifier import brightness, crop_features, crops, get_classifier, window_sums
+from anystep.train.common import atomic_write
 
 TOYBENCH_VERSION = 1
 
@@ -517,6 +518,7 @@ def run_toybench(
     num_frames: int | None = None,
     batch_size: int = 20,
     n_show: int = 4,
+    reuse: bool = False,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -528,7 +530,11 @@ def run_toybench(
     ``model_folder``, ``kind``, ``toybench_version``, ``num_frames``, ``prompts`` (prompt, seed),
     ``real`` (the same prompts rendered from held-out real clips: the ceiling) and ``results``:
     ``{str(steps): {steps, nfe, Quality, Semantic, Total, <sub-scores>, frechet, per_clip_total,
-    per_clip, seconds}}``.
+    per_clip, seconds}}``. The first ``n_show`` clips of each step count are also kept as
+    ``samples_{steps}.npy`` (float16 pixels) for figures that compare methods side by side.
+
+    ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
+    ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
     from anystep.sampling import load_model, nfe
 
@@ -552,8 +558,15 @@ def run_toybench(
         "real": {k: v for k, v in real.items() if k != "per_clip"},
         "results": {},
     }
+    old = out_dir / "toybench.json"
+    if reuse and old.exists():
+        prev = json.loads(old.read_text())
+        if prev.get("prompts") == result["prompts"] and prev.get("num_frames") == num_frames and prev.get("kind") == model.kind:
+            result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
         s = int(s)
+        if str(s) in result["results"]:
+            continue
         t0 = time.time()
         videos = _generate_all(model, prompts, s, num_frames, batch_size)
         gen_s = time.time() - t0
@@ -567,6 +580,7 @@ def run_toybench(
         save_sample_grid(
             videos[:n_show], texts[:n_show], out_dir / f"samples_{s}.png", title=f"{model.kind}, {s} steps (NFE {row['nfe']})"
         )
+        atomic_write(out_dir / f"samples_{s}.npy", lambda f, v=videos[:n_show]: np.save(f, v.astype(np.float16)))
         _atomic_write_json(out_dir / "toybench.json", result)
         print(
             f"[toybench] steps={s:<3d} nfe={row['nfe']:<3d} Quality={row['Quality']:5.1f} "

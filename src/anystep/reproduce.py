@@ -1,0 +1,313 @@
+"""``anystep reproduce``: the paper's pipeline and key figures in miniature, from the shipped teacher.
+
+Jobs, per architecture (bidirectional 7-frame clips; causal AnyFlow-FAR, 13 frames, chunks 1,3,3,3,3):
+
+=====================  ====================================================  =====================
+row (Table 2)          training                                             sampler
+=====================  ====================================================  =====================
+Teacher / flow match.  (full mode) teacher fine-tune by flow matching         Euler + CFG 4 (x2 NFE)
+Flow matching (FAR)    causal student trained by flow matching (r = t)        Euler + CFG 4 (x2 NFE)
+Consistency            ODE-init -> consistency backward simulation + DMD     consistency
+Flow map + consistency Stage 1 -> consistency backward simulation + DMD      consistency
+AnyFlow, Stage 1 only  Stage 1 (Alg. 1)                                       flow-map Euler
+AnyFlow                Stage 1 -> flow-map backward simulation + DMD (Alg. 2) flow-map Euler
+=====================  ====================================================  =====================
+
+Every model is swept over NFE (students 1..32 steps, guided models 1..50 steps at 2 NFE a step)
+with ToyBench; then ``results.json``, ``report.md``, ``cost.md``, ``scaling.png``, ``samples.png``
+and per-method mp4 grids are written.
+
+Re-running with the same ``--out`` reuses everything already finished: a job whose ``model/``
+exists is not retrained, a killed job resumes from its checkpoint, a finished sweep point is
+not regenerated. A job whose recorded settings differ from the current ones is an error (use a
+fresh ``--out``), so numbers from two settings are never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_TEACHER = ROOT / "models" / "toy-teacher"
+TOY_CONFIGS = ROOT / "configs" / "toy"
+CAUSAL_PARTITION = (1, 3, 3, 3, 3)
+STUDENT_STEPS = (1, 2, 4, 8, 16, 32)
+GUIDED_STEPS = (1, 2, 4, 8, 16, 32, 50)  # NFE 2..100: Table 2 at 4/32 NFE, Table 3 at 50x2
+SAMPLE_STEPS = (1, 4, 16, 32)
+
+
+@dataclass
+class Budget:
+    """Iterations per job (causal jobs use ``causal_frac`` of them) and evaluation size."""
+
+    teacher_ft: int  # 0 skips the teacher fine-tune (the shipped teacher is the flow-matching row)
+    stage1: int
+    stage2: int
+    consistency_init: int
+    flow_matching_causal: int
+    causal_frac: float
+    n_prompts: int
+    cost_repeats: int
+    archs: tuple[str, ...] = ("bidirectional", "causal")
+    student_steps: tuple[int, ...] = STUDENT_STEPS
+    guided_steps: tuple[int, ...] = GUIDED_STEPS
+    overrides: dict = field(default_factory=dict)  # per-job config overrides, e.g. {"stage2": {"lr": 1e-5}}
+
+
+QUICK = Budget(teacher_ft=0, stage1=120, stage2=40, consistency_init=40, flow_matching_causal=60,
+               causal_frac=0.5, n_prompts=16, cost_repeats=2)
+FULL = Budget(teacher_ft=400, stage1=800, stage2=300, consistency_init=300, flow_matching_causal=400,
+              causal_frac=0.5, n_prompts=40, cost_repeats=3)
+
+
+@dataclass
+class Job:
+    name: str  # "<arch>/<method>"
+    kind: str  # stage1 | stage2 | consistency_init
+    config: dict
+
+    @property
+    def dir(self) -> str:
+        return self.config["out"]
+
+
+def _toy(name: str) -> dict:
+    from anystep.config import load_yaml
+
+    return load_yaml(TOY_CONFIGS / f"{name}.yaml")
+
+
+def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
+    """The training jobs and, per architecture, the rows of the report: method -> (label, folder, steps)."""
+    jobs: list[Job] = []
+    rows: dict = {}
+    ov = budget.overrides
+
+    def job(name, kind, base, **cfg):
+        merged = {**base, **cfg, **ov.get(kind, {}), "out": str(out / name), "threads": 0}
+        jobs.append(Job(name, kind, merged))
+        return str(out / name / "model")
+
+    s1, s2 = _toy("stage1"), _toy("stage2")
+    ci = _toy("consistency_init")
+    t = str(teacher)
+    if budget.teacher_ft > 0:
+        t = job("teacher_ft", "stage1", s1, method="flow_matching", teacher=str(teacher), steps=budget.teacher_ft)
+    for arch in budget.archs:
+        causal = arch == "causal"
+        frac = budget.causal_frac if causal else 1.0
+        n = lambda k: max(1, int(round(k * frac)))  # noqa: E731
+        geo = dict(num_frames=13, causal=True) if causal else dict(num_frames=7, causal=False)
+        part = dict(chunk_partition=list(CAUSAL_PARTITION)) if causal else {}
+        r: dict = {}
+        if causal:
+            fm = job(f"{arch}/flow_matching", "stage1", s1, method="flow_matching", teacher=t,
+                     steps=budget.flow_matching_causal, **geo, **part)
+            r["flow_matching"] = ("Flow matching (Euler + CFG)", fm, tuple(s for s in budget.guided_steps if s <= 32), False)
+        else:
+            label = "Teacher / flow matching (Euler + CFG)"
+            r["flow_matching"] = (label, t, budget.guided_steps, True)
+        st1 = job(f"{arch}/stage1", "stage1", s1, method="flowmap", teacher=t, steps=n(budget.stage1), **geo, **part)
+        init = job(f"{arch}/consistency_init", "consistency_init", ci, teacher=t, steps=n(budget.consistency_init),
+                   **geo, **part)
+        cons = job(f"{arch}/consistency", "stage2", s2, student=init, teacher=t, rollout="consistency",
+                   steps=n(budget.stage2), **geo)
+        fmc = job(f"{arch}/flowmap_consistency", "stage2", s2, student=st1, teacher=t, rollout="consistency",
+                  steps=n(budget.stage2), **geo)
+        anyf = job(f"{arch}/anyflow", "stage2", s2, student=st1, teacher=t, rollout="flowmap", steps=n(budget.stage2), **geo)
+        ss = budget.student_steps
+        r["consistency"] = ("Consistency ODE-init + consistency BS", cons, ss, False)
+        r["flowmap_consistency"] = ("Flow-map training + consistency BS", fmc, ss, False)
+        r["stage1"] = ("AnyFlow, Stage 1 only", st1, ss, False)
+        r["anyflow"] = ("AnyFlow (Stage 1 + flow-map BS)", anyf, ss, False)
+        rows[arch] = r
+    return jobs, rows
+
+
+def _config_class(kind: str):
+    from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
+    from anystep.train.stage1 import Stage1Config, train_stage1
+    from anystep.train.stage2 import Stage2Config, train_stage2
+
+    return {
+        "stage1": (Stage1Config, train_stage1),
+        "stage2": (Stage2Config, train_stage2),
+        "consistency_init": (ConsistencyInitConfig, train_consistency_init),
+    }[kind]
+
+
+class SettingsChanged(ValueError):
+    """A finished or partial job in ``--out`` was made with different settings."""
+
+
+def run_job(job: Job) -> Path:
+    """Train one job unless its model exists; a partial run resumes from its checkpoint."""
+    from anystep.config import build_config_from_dict
+    from anystep.train.common import atomic_write
+
+    d = Path(job.dir)
+    cls, train = _config_class(job.kind)
+    cfg = build_config_from_dict(cls, job.config)
+    record = d / "reproduce_job.json"
+    want = json.loads(json.dumps({"kind": job.kind, "config": asdict(cfg)}))
+    if record.exists():
+        have = json.loads(record.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have["config"]) | set(want["config"])
+                          if have["config"].get(k) != want["config"].get(k))
+            raise SettingsChanged(f"{d} was made with different settings ({', '.join(diff[:5])}); use a fresh --out")
+    if (d / "model" / "model_index.json").exists() and record.exists():
+        return d / "model"
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda f: f.write(json.dumps(want, indent=1).encode()))
+    return train(cfg)
+
+
+def _eval(folder: str, steps, out_dir: Path, n_prompts: int) -> dict:
+    from anystep.eval.toybench import run_toybench
+
+    return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4)
+
+
+def _samples_figure(results: dict, out: Path) -> None:
+    """samples.png: per architecture, every method at 1/4/16/32 steps on the same two prompts;
+    plus ``samples_<arch>_<method>.mp4`` (rows: step counts, columns: four prompts)."""
+    from anystep.io import to_uint8, write_mp4
+
+    panels = []
+    for arch, a in results["architectures"].items():
+        for method, m in a["methods"].items():
+            ev = Path(m["eval_dir"])
+            clips = {}
+            for s in SAMPLE_STEPS:
+                p = ev / f"samples_{s}.npy"
+                if p.exists():
+                    clips[s] = np.load(p).astype(np.float32)
+            if not clips:
+                continue
+            panels.append((f"{arch}: {m['label']}", clips))
+            # mp4: each video frame is a grid (rows = step counts, columns = prompts).
+            steps = sorted(clips)
+            nf = min(c.shape[1] for c in clips.values())
+            frames = []
+            for f in range(nf):
+                tiles = [np.concatenate([to_uint8(clips[s][i, f : f + 1])[0] for i in range(len(clips[s]))], axis=1) for s in steps]
+                frames.append(np.concatenate(tiles, axis=0))
+            video = np.stack(frames).astype(np.float32) / 127.5 - 1.0
+            write_mp4(video.transpose(0, 3, 1, 2), out / f"samples_{arch}_{method}.mp4", scale=4)
+    if not panels:
+        return
+    _panel_figure(panels, out / "samples.png")
+
+
+def _panel_figure(panels, path) -> None:
+    """One image per architecture: rows = methods, columns = step counts, each cell the first
+    prompt's clip as a strip of frames."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from anystep.io import frame_grid
+
+    by_arch: dict = {}
+    for title, clips in panels:
+        arch, label = title.split(": ", 1)
+        by_arch.setdefault(arch, []).append((label, clips))
+    images = []
+    for arch, rows in by_arch.items():
+        cells = []
+        for label, clips in rows:
+            strips = [frame_grid(clips[s][:1], scale=1, gap=1) if s in clips else None for s in SAMPLE_STEPS]
+            shape = next(x.shape for x in strips if x is not None)
+            strips = [x if x is not None else np.full(shape, 255, np.uint8) for x in strips]
+            sep = np.full((shape[0], 4, 3), 255, np.uint8)
+            cells.append(np.concatenate([c for x in strips for c in (x, sep)][:-1], axis=1))
+        h = cells[0].shape[0]
+        img = np.concatenate([np.pad(c, ((0, 3), (0, 0), (0, 0)), constant_values=255) for c in cells], axis=0)
+        images.append((arch, [label for label, _ in rows], img, h + 3, cells[0].shape[1]))
+    width = max(i[2].shape[1] for i in images)
+    height = sum(i[2].shape[0] for i in images)
+    fig = Figure(figsize=(2.5 + width / 80, 0.6 * len(images) + height / 80), dpi=110)
+    FigureCanvasAgg(fig)
+    for k, (arch, labels, img, row_h, w) in enumerate(images):
+        ax = fig.add_subplot(len(images), 1, k + 1)
+        ax.imshow(img, interpolation="nearest")
+        ax.set_yticks([(j + 0.5) * row_h for j in range(len(labels))])
+        ax.set_yticklabels(labels, fontsize=7)
+        col = (w + 4) / len(SAMPLE_STEPS)
+        ax.set_xticks([(j + 0.5) * col for j in range(len(SAMPLE_STEPS))])
+        ax.set_xticklabels([f"{s} step{'s' if s > 1 else ''}" for s in SAMPLE_STEPS], fontsize=8)
+        ax.set_title(f"{arch}: first prompt, frames left to right", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = None, measure_cost: bool = True,
+              command: str = "", progress=print) -> dict:
+    """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
+    from anystep.report import write_report
+    from anystep.train.common import atomic_write
+
+    t_start = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = Path(teacher) if teacher else SHIPPED_TEACHER
+    budget = budget or (QUICK if quick else FULL)
+    jobs, rows = plan(out, budget, teacher)
+
+    def say(msg):
+        el = time.time() - t_start
+        progress(f"[reproduce {el / 60:5.1f} min] {msg}")
+
+    for i, job in enumerate(jobs, 1):
+        done = (Path(job.dir) / "model" / "model_index.json").exists()
+        say(f"job {i}/{len(jobs)} {job.name} ({job.kind}, {job.config.get('steps')} iterations)"
+            + (" - finished earlier, reused" if done else ""))
+        run_job(job)
+
+    results: dict = {"architectures": {}, "meta": {}}
+    n_evals = sum(len(r) for r in rows.values())
+    k = 0
+    real = None
+    for arch, r in rows.items():
+        methods = {}
+        for method, (label, folder, steps, is_teacher) in r.items():
+            k += 1
+            say(f"ToyBench {k}/{n_evals}: {arch} {label}, steps {list(steps)}")
+            ev_dir = out / "eval" / arch / method
+            res = _eval(folder, steps, ev_dir, budget.n_prompts)
+            real = real or res.get("real")
+            methods[method] = {
+                "label": label, "folder": folder, "is_teacher": is_teacher, "eval_dir": str(ev_dir),
+                "sweep": {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()},
+            }
+        results["architectures"][arch] = {"methods": methods}
+
+    cost_path = out / "cost.json"
+    if measure_cost:
+        if cost_path.exists():
+            results["cost"] = json.loads(cost_path.read_text())
+        else:
+            say("measuring per-iteration training cost (Table 5 analogue)")
+            from anystep.eval.cost import measure_costs
+
+            results["cost"] = measure_costs(str(teacher), batch=4, repeats=budget.cost_repeats, archs=budget.archs,
+                                            progress=say)
+            atomic_write(cost_path, lambda f: f.write(json.dumps(results["cost"], indent=1).encode()))
+    results["meta"] = {
+        "command": command or f"anystep reproduce {'--quick ' if quick else ''}--out {out}",
+        "quick": quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_seconds": time.time() - t_start, "teacher": str(teacher), "budget": asdict(budget),
+        "n_prompts": budget.n_prompts, "real": real,
+    }
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+    say("writing report.md, cost.md, scaling.png, samples.png")
+    write_report(results, out)
+    _samples_figure(results, out)
+    say(f"done: {out / 'report.md'}")
+    return results

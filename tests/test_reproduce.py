@@ -1,0 +1,136 @@
+"""`anystep reproduce`: the report builder, the bootstrap, reuse of finished work, the pipeline's plumbing."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anystep.report import bootstrap_ci, claims, report_markdown, table2, table3
+
+
+def test_bootstrap_matches_the_exact_resampling_distribution():
+    # Three prompts scoring 0, 0, 90: a resample's mean is 30 k with k ~ Binomial(3, 1/3), so
+    # P(mean = 0) = 8/27 > 2.5% and P(mean = 90) = 1/27 > 2.5%: the 95% interval is [0, 90].
+    m, lo, hi = bootstrap_ci([0.0, 0.0, 90.0], n_boot=20000)
+    assert (m, lo, hi) == (30.0, 0.0, 90.0)
+    assert bootstrap_ci([7.0] * 5) == (7.0, 7.0, 7.0)
+    # Large n: the percentile interval approaches mean +- 1.96 sd / sqrt(n).
+    v = np.random.default_rng(1).normal(50.0, 10.0, 400)
+    m, lo, hi = bootstrap_ci(v, n_boot=4000)
+    half = 1.96 * v.std() / np.sqrt(len(v))
+    assert abs((hi - lo) / 2 - half) / half < 0.1 and lo < m < hi
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def _row(steps, nfe, totals):
+    t = np.asarray(totals, float)
+    return {"steps": steps, "nfe": nfe, "Quality": float(t.mean()), "Semantic": float(t.mean()), "Total": float(t.mean()),
+            "per_clip": {"quality": list(t), "semantic": list(t), "total": list(t)}}
+
+
+def _synthetic():
+    anyflow = {"label": "AnyFlow", "sweep": {"4": _row(4, 4, [60, 62, 64, 66]), "32": _row(32, 32, [70, 70, 72, 72])}}
+    cons = {"label": "Consistency", "sweep": {"4": _row(4, 4, [50, 52, 54, 56]), "32": _row(32, 32, [40, 40, 42, 42])}}
+    teacher = {"label": "Teacher", "is_teacher": True,
+               "sweep": {"2": _row(2, 4, [10, 10, 10, 10]), "16": _row(16, 32, [60, 60, 60, 60]), "50": _row(50, 100, [80, 80, 80, 80])}}
+    return {"meta": {"command": "anystep reproduce --quick --out x", "quick": True, "wall_seconds": 60, "n_prompts": 4},
+            "architectures": {"bidirectional": {"methods": {"flow_matching": teacher, "consistency": cons, "anyflow": anyflow}}}}
+
+
+def test_report_builder_on_synthetic_results():
+    res = _synthetic()
+    t2 = table2(res, n_boot=500)["bidirectional"]
+    assert t2["anyflow"]["4"]["Total"]["mean"] == 63.0 and t2["anyflow"]["32"]["Total"]["mean"] == 71.0
+    assert t2["flow_matching"]["4"]["Total"]["mean"] == 10.0  # the NFE-4 column of a guided model is 2 steps x 2
+    assert t2["anyflow"]["4"]["Total"]["low"] <= 63.0 <= t2["anyflow"]["4"]["Total"]["high"]
+    t3 = table3(res, n_boot=500)
+    assert t3["teacher 50x2"]["nfe"] == 100 and t3["teacher 50x2"]["Total"]["mean"] == 80.0
+    assert t3["AnyFlow bidirectional 4 NFE"]["Total"]["mean"] == 63.0
+    verdicts = {c["claim"]: c["verdict"] for c in claims(res)}
+    assert verdicts["bidirectional: AnyFlow does not degrade from 4 to 32 NFE (Total at 32 >= at 4)"] == "holds"
+    assert verdicts["bidirectional: AnyFlow beats Consistency at 4 NFE"].startswith("holds")
+    assert verdicts["bidirectional: the consistency baseline degrades from 4 to 32 NFE (Total at 4 > at 32)"].startswith("holds")
+    assert verdicts["bidirectional: AnyFlow at 4 NFE matches the teacher at 50x2 (Total >=)"] == "does not hold"
+    md = report_markdown(res, n_boot=500)
+    assert "| AnyFlow | " in md and "63.0 [" in md and "| teacher 50x2 | 100 |" in md
+    assert "**does not hold**" in md
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole pipeline on a tiny teacher with a drastically shortened budget."""
+    from conftest import make_tiny_teacher
+
+    from anystep.reproduce import Budget, reproduce
+
+    root = tmp_path_factory.mktemp("rep")
+    teacher = make_tiny_teacher(root / "teacher", steps=2)
+    small = {"batch_size": 2}
+    budget = Budget(teacher_ft=1, stage1=2, stage2=1, consistency_init=1, flow_matching_causal=1, causal_frac=1.0,
+                    n_prompts=3, cost_repeats=1, student_steps=(1, 4), guided_steps=(2, 50),
+                    overrides={"stage1": small, "stage2": {**small, "critic_lora_rank": 4, "critic_lora_alpha": 4},
+                               "consistency_init": {**small, "ode_steps": 4}})
+    out = root / "out"
+    logs: list[str] = []
+    res = reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=logs.append)
+    return out, teacher, budget, res, logs
+
+
+def test_pipeline_writes_every_artefact(tiny_run):
+    out, _, _, res, logs = tiny_run
+    for name in ("report.md", "results.json", "scaling.png", "samples.png", "samples_causal_anyflow.mp4"):
+        assert (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "results.json").read_text())
+    for arch in ("bidirectional", "causal"):
+        methods = on_disk["architectures"][arch]["methods"]
+        assert set(methods) == {"flow_matching", "consistency", "flowmap_consistency", "stage1", "anyflow"}
+        assert methods["anyflow"]["sweep"]["4"]["nfe"] == 4
+    assert on_disk["architectures"]["bidirectional"]["methods"]["flow_matching"]["sweep"]["2"]["nfe"] == 4
+    assert any("job 1/" in line for line in logs) and any("ToyBench" in line for line in logs)
+    # Consistency rows are served by the consistency sampler, the causal flow-matching row by Euler + CFG.
+    assert json.loads((out / "bidirectional/consistency/model/anystep.json").read_text())["sampler"] == "consistency"
+    assert json.loads((out / "causal/flow_matching/model/anystep.json").read_text())["sampler"] == "euler_cfg"
+
+
+def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monkeypatch):
+    from dataclasses import replace
+
+    import anystep.reproduce as rp
+    import anystep.eval.toybench as tb
+
+    out, teacher, budget, res, _ = tiny_run
+    calls = []
+    real = rp._config_class
+
+    def no_training(kind):
+        cls, _ = real(kind)
+
+        def train(cfg):
+            calls.append(kind)
+            raise AssertionError("a finished job was retrained")
+
+        return cls, train
+
+    monkeypatch.setattr(rp, "_config_class", no_training)
+    monkeypatch.setattr(tb, "_generate_all", lambda *a, **k: calls.append("generate"))
+    again = rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
+    assert calls == []  # no job retrained, no clip regenerated
+    assert again["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"] == \
+        res["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"]
+    monkeypatch.undo()
+    with pytest.raises(rp.SettingsChanged, match="different settings"):
+        rp.reproduce(out, quick=True, teacher=teacher, budget=replace(budget, stage1=3), measure_cost=False,
+                     progress=lambda m: None)
+
+
+def test_cli_reproduce_bad_input(tmp_path, capsys):
+    from anystep.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["reproduce", "--out", str(tmp_path / "file")]) == 2
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "o"), "--teacher", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("anystep: error:") for line in err)
+    assert not (tmp_path / "o").exists()
