@@ -4,11 +4,13 @@
 venv:
 	@bash scripts/setup_env.sh
 
-# Main job on the embedded toy default: sample the shipped teacher at several step counts and
-# score every step count with ToyBench.
+# Main job on the embedded toy default: the paper in miniature, quick mode. From the shipped toy
+# teacher it trains every Table 2 method (bidirectional and causal), sweeps NFE 1..32 with
+# ToyBench and writes outputs/reproduce-quick/{report.md,scaling.png,samples.png,cost.md}.
+# Re-running reuses finished work.
 demo: venv
-	HF_HUB_OFFLINE=1 .venv/bin/anystep generate --model models/toy-teacher --prompts configs/toy/demo_prompts.txt --steps 50 --out outputs/demo/clips-50steps
-	HF_HUB_OFFLINE=1 .venv/bin/anystep eval --model models/toy-teacher --steps 4,8,16,50 --out outputs/demo
+	HF_HUB_OFFLINE=1 .venv/bin/anystep reproduce --quick --out outputs/reproduce-quick
+	@sed -n '/^## Table 2/,/^Ceiling/p' outputs/reproduce-quick/report.md
 
 test: venv
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

@@ -7,6 +7,7 @@ line on stderr and exit code 2, with nothing half-written left behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -131,6 +132,8 @@ def _check_frames(model, num_frames: int, height: int, width: int) -> None:
 
 
 def cmd_eval(args) -> int:
+    if args.suite == "vbench":
+        return _eval_vbench(args)
     from anystep.eval.toybench import run_toybench
 
     steps = _steps_list(args.steps)
@@ -138,6 +141,39 @@ def cmd_eval(args) -> int:
     del model  # validated; run_toybench loads it itself
     result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts)
     _print_table(result)
+    return 0
+
+
+def _eval_vbench(args) -> int:
+    from anystep.eval.vbench import (
+        VBenchInputError, generate_vbench_videos, read_prompt_pairs, score_with_vbench, vbench_available,
+    )
+    from anystep.train.common import atomic_write
+
+    steps = _steps_list(args.steps)
+    if len(steps) != 1:
+        raise UserError("eval vbench takes one --steps value")
+    if args.prompts is None:
+        raise UserError("eval vbench needs --prompts FILE (one VBench prompt per line)")
+    try:
+        pairs = read_prompt_pairs(args.prompts, args.augmented)
+    except VBenchInputError as e:
+        raise UserError(str(e)) from None
+    model = _load(args.model)
+    num_frames = args.num_frames or _default_frames(model)
+    try:
+        _check_frames(model, num_frames, args.height, args.width)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    videos = Path(args.out) / "videos"
+    generate_vbench_videos(model, pairs, steps[0], videos, num_frames=num_frames, height=args.height, width=args.width)
+    if not vbench_available():
+        print(f"{len(pairs) * 5} videos in {videos}; VBench is not installed here, so they are not scored: "
+              "re-run this command where `pip install vbench` works (the videos are reused)")
+        return 0
+    result = score_with_vbench(videos, Path(args.out) / "vbench")
+    atomic_write(Path(args.out) / "vbench.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
+    print(f"VBench Quality {result['Quality']:.2f}  Semantic {result['Semantic']:.2f}  Total {result['Total']:.2f}")
     return 0
 
 
@@ -262,11 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int, default=4)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="ToyBench: score a model at several step counts")
+    e = sub.add_parser("eval", help="score a model: ToyBench at several step counts (default) or VBench")
+    e.add_argument("suite", nargs="?", default="toybench", choices=["toybench", "vbench"])
     e.add_argument("--model", required=True)
     e.add_argument("--steps", default="1,2,4,8,16,32")
     e.add_argument("--out", required=True)
     e.add_argument("--n-prompts", type=int, default=40)
+    e.add_argument("--prompts", default=None, help="vbench: prompt file (names the videos)")
+    e.add_argument("--augmented", default=None, help="vbench: augmented prompts, line by line, fed to the model")
+    e.add_argument("--num-frames", type=int, default=None)
+    e.add_argument("--height", type=int, default=32)
+    e.add_argument("--width", type=int, default=32)
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model")

@@ -156,20 +156,23 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
         "",
         "Every number is a ToyBench score (0-100) with a bootstrap 95% interval over prompts "
         f"({n_boot} resamples). Flow matching and the teacher use classifier-free guidance, so their "
-        "NFE is twice their step count.",
+        "NFE is twice their step count. FD: Frechet distance to held-out real clips in the digit "
+        "classifier's feature space (lower is better; a point estimate over all prompts).",
         "",
         "## Table 2 analogue: methods at 4 and 32 NFE",
         "",
     ]
     for arch, rows in t2.items():
-        lines += [f"### {arch}", "", "| method | Quality @4 | Semantic @4 | Total @4 | Quality @32 | Semantic @32 | Total @32 |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"### {arch}", "", "| method | Quality @4 | Semantic @4 | Total @4 | FD @4 | Quality @32 | Semantic @32 | Total @32 | FD @32 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for method, cells in rows.items():
             label = results["architectures"][arch]["methods"][method]["label"]
             vals = []
             for nfe in TABLE_NFE:
                 c = cells[str(nfe)]
                 vals += [_fmt(c[k]) if c else "n/a" for k in SCORES]
+                row = row_at_nfe(results["architectures"][arch]["methods"][method]["sweep"], nfe)
+                vals.append(f"{row['frechet']:.1f}" if row and "frechet" in row else "n/a")
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
         lines.append("")
     lines += ["## Table 3 analogue: the teacher at 50x2 against AnyFlow", "", "| model | NFE | Quality | Semantic | Total |",
