@@ -12,7 +12,7 @@ from anystep.models.latents import encode_pixels, latent_frames
 from anystep.models.wan_layout import build_tiny_wan_folder, parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ["steps=1", "num_frames=13", "batch_size=2", "ckpt_every=1", "log_every=1", "threads=1"]
+SMOKE = ["data=moving_digits", "steps=1", "num_frames=13", "batch_size=2", "ckpt_every=1", "log_every=1", "threads=1"]
 FAR_SMOKE = ["chunk_partition=[1,1,1,1]"]  # 13 frames -> 4 latent frames under the Wan VAE
 
 

@@ -83,7 +83,7 @@ def cmd_generate(args) -> int:
     if len(prompts) == 1 and out.suffix.lower() != ".mp4":
         raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
     model = _load(args.model)
-    num_frames = args.num_frames or _default_frames(model)
+    num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     try:
         _check_frames(model, num_frames, args.height, args.width)
         videos = []
@@ -160,7 +160,7 @@ def _eval_vbench(args) -> int:
     except VBenchInputError as e:
         raise UserError(str(e)) from None
     model = _load(args.model)
-    num_frames = args.num_frames or _default_frames(model)
+    num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     try:
         _check_frames(model, num_frames, args.height, args.width)
     except ValueError as e:
@@ -261,6 +261,26 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from anystep.data.shards import ShardError, write_synthetic
+
+    prompts = _read_prompts(args)
+    model = _load(args.teacher)
+    if model.kind != "teacher":
+        raise UserError(f"{args.teacher}: synthetic data comes from a Wan teacher folder, got a {model.kind!r} folder")
+    if args.steps < 1 or args.shard_size < 1:
+        raise UserError("--steps and --shard-size must be >= 1")
+    num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
+    try:
+        _check_frames(model, num_frames, args.height, args.width)
+        paths = write_synthetic(model, prompts, args.out, steps=args.steps, guidance=args.guidance, num_frames=num_frames,
+                                height=args.height, width=args.width, shard_size=args.shard_size, seed=args.seed)
+    except (ShardError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    print(f"{len(paths)} shard(s) of this rank in {args.out}")
+    return 0
+
+
 def cmd_student(args) -> int:
     from anystep.models.folders import ModelFolderError
     from anystep.models.students import student_folder_from_teacher
@@ -324,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", default=None, help="a Wan teacher folder (default: the shipped toy teacher)")
     r.add_argument("--no-cost", action="store_true", help="skip the per-iteration cost measurement")
     r.set_defaults(func=cmd_reproduce)
+
+    y = sub.add_parser("synth", help="teacher-generated training data: latents + text embeddings in shards")
+    y.add_argument("--teacher", required=True)
+    y.add_argument("--prompt", default=None)
+    y.add_argument("--prompts", default=None, help="a file with one prompt per line")
+    y.add_argument("--out", required=True)
+    y.add_argument("--steps", type=int, default=50)
+    y.add_argument("--guidance", type=float, default=4.0, help="CFG in the usual form (the reference real score's 1 + 3)")
+    y.add_argument("--num-frames", type=int, default=None)
+    y.add_argument("--height", type=int, default=32)
+    y.add_argument("--width", type=int, default=32)
+    y.add_argument("--shard-size", type=int, default=16)
+    y.add_argument("--seed", type=int, default=0)
+    y.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
     s.add_argument("--teacher", required=True)

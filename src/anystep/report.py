@@ -218,27 +218,35 @@ def cost_markdown(cost: dict) -> str:
 
 
 def plot_scaling(results: dict, path) -> None:
-    """Total against NFE per method, one panel per architecture, 95% bootstrap bands."""
+    """Total (with 95% bootstrap bands) and Frechet distance against NFE per method; one column
+    per architecture."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     archs = list(results["architectures"])
-    fig = Figure(figsize=(6 * len(archs), 4.2), dpi=110)
+    fig = Figure(figsize=(6 * len(archs), 7.5), dpi=110)
     FigureCanvasAgg(fig)
+    real = results.get("meta", {}).get("real")
     for i, arch in enumerate(archs):
-        ax = fig.add_subplot(1, len(archs), i + 1)
+        ax = fig.add_subplot(2, len(archs), i + 1)
+        ax_fd = fig.add_subplot(2, len(archs), len(archs) + i + 1)
         for method, m in results["architectures"][arch]["methods"].items():
             rows = sorted(m["sweep"].values(), key=lambda r: r["nfe"])
             x = [r["nfe"] for r in rows]
             cis = [score_with_ci(r, "Total", 500) for r in rows]
-            line = ax.plot(x, [c["mean"] for c in cis], "o-" if not m.get("is_teacher") else "s--", label=m["label"])[0]
+            style = "s--" if m.get("is_teacher") else "o-"
+            line = ax.plot(x, [c["mean"] for c in cis], style, label=m["label"])[0]
             ax.fill_between(x, [c["low"] for c in cis], [c["high"] for c in cis], color=line.get_color(), alpha=0.15)
-        real = results.get("meta", {}).get("real")
+            ax_fd.plot(x, [r.get("frechet", float("nan")) for r in rows], style, color=line.get_color(), label=m["label"])
         if real:
             ax.axhline(real["Total"], color="k", ls=":", lw=0.8, label="real clips")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("NFE per clip")
-        ax.set_ylabel("ToyBench Total")
+            if "frechet" in real:
+                ax_fd.axhline(real["frechet"], color="k", ls=":", lw=0.8, label="real clips")
+        for a in (ax, ax_fd):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("NFE per clip")
+        ax.set_ylabel("ToyBench Total (higher is better)")
+        ax_fd.set_ylabel("Frechet distance to real clips (lower is better)")
         ax.set_title(arch)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -41,6 +41,7 @@ STREAM_ODE = 21
 class ConsistencyInitConfig:
     teacher: str = "models/toy-teacher"
     out: str = "runs/consistency_init"
+    data: str = "moving_digits"  # or a folder of teacher-generated shards (`anystep synth`)
     num_frames: int = 7
     causal: bool = False
     chunk_partition: tuple[int, ...] = (1, 3, 3)
@@ -120,7 +121,7 @@ class ConsistencyInitMethod:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         torch.manual_seed(cfg.seed)
         s1 = dict(
-            teacher=cfg.teacher, out=cfg.out, num_frames=cfg.num_frames, causal=cfg.causal,
+            teacher=cfg.teacher, out=cfg.out, data=cfg.data, num_frames=cfg.num_frames, causal=cfg.causal,
             batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift, gate_value=cfg.gate_value,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
         )

@@ -41,6 +41,7 @@ class Stage1Config:
     init: str | None = None  # an AnyFlow folder to continue from instead of converting the teacher
     out: str = "runs/stage1"
     method: str = "flowmap"  # "flowmap" (Alg. 1) or "flow_matching" (baseline / teacher fine-tune)
+    data: str = "moving_digits"  # or a folder of teacher-generated shards (`anystep synth`)
     num_frames: int = 7
     causal: bool = False  # AnyFlow-FAR student (clean-context teacher forcing over the chunk partition)
     chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3)
@@ -145,7 +146,7 @@ class Stage1Method:
     """Builds the student and the per-micro-step loss closure the shared loop calls."""
 
     def __init__(self, cfg: Stage1Config, rank: int = 0, world_size: int = 1):
-        from anystep.data.toy_batches import ToyBatches
+        from anystep.data.shards import training_batches
         from anystep.models.students import flow_map_velocity, student_from_teacher
         from anystep.sampling import load_model
 
@@ -194,7 +195,7 @@ class Stage1Method:
             self.net = lambda z, t, r, emb, clean: teacher_velocity(self.student, z, t, emb)
         else:
             self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
-        self.data = ToyBatches(self.pipe, num_frames=cfg.num_frames, seed=cfg.seed)
+        self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
 
     def _causal_net(self, partition, teacher_forcing: bool = True):
         from anystep.models.far_train import far_flow_map_velocity

@@ -72,6 +72,7 @@ class Stage2Config:
     teacher: str = "models/toy-teacher"  # the Wan teacher folder: real score and critic init
     out: str = "runs/stage2"
     rollout: str = "flowmap"  # "flowmap" (Eq. 8) | "consistency" (Self-Forcing / rCM baseline)
+    data: str = "moving_digits"  # or a folder of teacher-generated shards (`anystep synth`)
     num_frames: int = 7
     causal: bool = False  # the student is AnyFlow-FAR; rollouts go chunk by chunk over the KV cache
     chunk_partition: tuple[int, ...] = ()  # causal: () = the student's own partition
@@ -151,7 +152,7 @@ class Stage2Trainer:
 
         part = tuple(cfg.chunk_partition) or (_student_partition(cfg.student) if cfg.causal else ())
         s1 = dict(
-            teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", num_frames=cfg.num_frames,
+            teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", data=cfg.data, num_frames=cfg.num_frames,
             causal=cfg.causal, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
         )

@@ -1,0 +1,173 @@
+"""Synthetic training data: teacher-generated latents + text embeddings in safetensors shards.
+
+The paper trains both stages on clips the teacher itself generated. ``write_synthetic`` runs the
+teacher (Euler + CFG, 50 steps by default) over a prompt list and writes
+
+    out/manifest.json                  what made the data (teacher, steps, guidance, geometry, ...)
+    out/shard-00000.safetensors ...    ``latents`` (n, F, C, h, w) fp32, ``text_embeds`` (n, L, D),
+                                       ``seeds`` (n,); the prompts in the file's metadata
+
+Shard ``s`` holds prompts ``[s * shard_size, (s + 1) * shard_size)``; clip ``i`` starts from the noise
+of seed ``seed + i``, so any shard can be regenerated bit for bit. Under torchrun rank ``r`` of
+``W`` writes the shards with ``s % W == r`` (no communication needed); a shard that exists is
+skipped, so a killed run resumes. Every shard is written atomically.
+
+``LatentShards`` reads a shard folder as training batches with the same interface as
+:class:`anystep.data.toy_batches.ToyBatches`: the clips of step ``s`` are a deterministic function
+of ``(seed, s)`` and the rank, so a resumed run reads exactly what it would have read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+
+
+class ShardError(ValueError):
+    """A shard folder that cannot be written to or read (one-line message)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from the torchrun environment; (0, 1) outside it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@torch.no_grad()
+def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance: float = 4.0, num_frames: int = 7,
+                    height: int = 32, width: int = 32, shard_size: int = 16, seed: int = 0,
+                    rank: int | None = None, world_size: int | None = None, progress=print) -> list[Path]:
+    """Generate the shards of this rank; returns the paths it wrote or found. ``teacher`` is a
+    loaded teacher (:func:`anystep.sampling.load_model`)."""
+
+    from anystep.models.text import encode_prompts
+    from anystep.sampling import generate_latents
+    from anystep.train.common import atomic_write
+
+    if teacher.kind != "teacher":
+        raise ShardError(f"{teacher.folder}: synthetic data comes from a Wan teacher folder, got a {teacher.kind!r} folder")
+    if not prompts:
+        raise ShardError("no prompts")
+    if rank is None or world_size is None:
+        rank, world_size = dist_rank_world()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"teacher": str(teacher.folder), "steps": steps, "guidance": guidance, "num_frames": num_frames,
+                "height": height, "width": width, "shard_size": shard_size, "seed": seed, "num_prompts": len(prompts),
+                "num_shards": (len(prompts) + shard_size - 1) // shard_size}
+    mpath = out / MANIFEST
+    if mpath.exists():
+        have = json.loads(mpath.read_text())
+        if have != manifest:
+            diff = sorted(k for k in manifest if have.get(k) != manifest[k])
+            raise ShardError(f"{out} holds shards made with different settings ({', '.join(diff)}); use a fresh --out")
+    elif rank == 0:
+        atomic_write(mpath, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    pipe = teacher.pipe
+    paths = []
+    mine = [s for s in range(manifest["num_shards"]) if s % world_size == rank]
+    for k, s in enumerate(mine):
+        path = out / shard_name(s)
+        paths.append(path)
+        if path.exists():
+            continue
+        chunk = prompts[s * shard_size : (s + 1) * shard_size]
+        first = seed + s * shard_size
+        lat = generate_latents(teacher, chunk, steps, seed=first, num_frames=num_frames, height=height, width=width,
+                               guidance_scale=guidance)
+        emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, chunk, teacher.max_sequence_length)
+        tensors = {"latents": lat.float().contiguous(), "text_embeds": emb.float().contiguous(),
+                   "seeds": torch.arange(first, first + len(chunk))}
+        meta = {"prompts": json.dumps(chunk), "shard": str(s)}
+        atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+        progress(f"[synth] rank {rank}: shard {k + 1}/{len(mine)} ({len(chunk)} clips) -> {path.name}")
+    return paths
+
+
+def _safetensors_bytes(tensors, meta) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=meta)
+
+
+class LatentShards:
+    """Training batches from a shard folder: ``batch()`` -> (latents (B, F, C, h, w), prompts),
+    ``embed(prompts)`` / ``null(n)`` -> text embeddings (stored ones; the null prompt is encoded
+    once with the model folder's own text encoder, as prompt dropout needs it)."""
+
+    def __init__(self, folder, pipe=None, seed: int = 0):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        if not (folder / MANIFEST).exists():
+            raise ShardError(f"{folder} is not a shard folder (no {MANIFEST})")
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        files = [folder / shard_name(s) for s in range(self.manifest["num_shards"])]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ShardError(f"{folder} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[0]}")
+        lat, self.prompts, self._emb = [], [], {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                ps = json.loads(h.metadata()["prompts"])
+                x, e = h.get_tensor("latents"), h.get_tensor("text_embeds")
+            lat.append(x)
+            self.prompts += ps
+            self._emb.update({p: e[i] for i, p in enumerate(ps)})
+        self.latents = torch.cat(lat)
+        self.pipe = pipe
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
+
+    def indices(self, start: int, n: int) -> np.ndarray:
+        """Positions ``start .. start + n`` of the endless stream of shuffled epochs."""
+        pos = np.arange(start, start + n)
+        out = np.empty(n, dtype=np.int64)
+        for epoch in np.unique(pos // len(self)):
+            sel = pos // len(self) == epoch
+            out[sel] = self._order(int(epoch))[pos[sel] % len(self)]
+        return out
+
+    def batch(self, step: int, batch_size: int, micro: int = 0, accum: int = 1, rank: int = 0, world_size: int = 1):
+        global_batch = batch_size * world_size
+        start = ((step * accum + micro) * global_batch) + rank * batch_size
+        idx = self.indices(start, batch_size)
+        return self.latents[idx].clone(), [self.prompts[i] for i in idx]
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        for p in dict.fromkeys(prompts):
+            if p not in self._emb:
+                if self.pipe is None:
+                    raise ShardError(f"prompt {p!r} is not in the shards and no text encoder was given")
+                from anystep.models.text import encode_prompts
+
+                L = next(iter(self._emb.values())).shape[0]
+                self._emb[p] = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [p], L)[0]
+        return torch.stack([self._emb[p] for p in prompts])
+
+    def null(self, n: int) -> torch.Tensor:
+        return self.embed([""] * n)
+
+
+def training_batches(pipe, data: str, num_frames: int, seed: int):
+    """The batch source a training config names: ``moving_digits`` or a shard folder."""
+    if data == "moving_digits":
+        from anystep.data.toy_batches import ToyBatches
+
+        return ToyBatches(pipe, num_frames=num_frames, seed=seed)
+    return LatentShards(data, pipe=pipe, seed=seed)
