@@ -84,18 +84,25 @@ def cmd_generate(args) -> int:
         raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
     model = _load(args.model)
     num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
+    if (args.image or args.video) and model.kind != "anyflow_far":
+        raise UserError(f"--image / --video condition a causal AnyFlow-FAR model; {args.model} is a {model.kind!r} folder")
+    if args.image and args.video:
+        raise UserError("give either --image or --video, not both")
     try:
         _check_frames(model, num_frames, args.height, args.width)
-        videos = []
-        for i in range(0, len(prompts), args.batch_size):
-            chunk = prompts[i : i + args.batch_size]
-            videos.append(
-                generate(
-                    model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames,
-                    height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        if model.kind == "anyflow_far":
+            videos = _generate_far(model, prompts, args, num_frames, out)
+        else:
+            videos = []
+            for i in range(0, len(prompts), args.batch_size):
+                chunk = prompts[i : i + args.batch_size]
+                videos.append(
+                    generate(
+                        model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames,
+                        height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                    )
                 )
-            )
-        videos = torch.cat(videos)
+            videos = torch.cat(videos)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     if len(prompts) == 1:
@@ -110,6 +117,36 @@ def cmd_generate(args) -> int:
         (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
         print(f"wrote {len(prompts)} clips and grid.png to {out}")
     return 0
+
+
+def _generate_far(model, prompts, args, num_frames: int, out: Path):
+    """FAR models: chunk by chunk (T2V, or I2V / V2V from --image / --video); a single clip is
+    rewritten to ``out`` after every chunk, so a long clip shows its progress as it grows."""
+    import torch
+
+    from anystep.causal_generation import context_latents, generate_causal, read_frames
+    from anystep.io import write_mp4
+    from anystep.sampling import latents_to_video
+
+    if args.guidance_scale not in (None, 1.0):
+        raise UserError("AnyFlow-FAR students are guidance-fused: --guidance-scale is not used with them")
+    ctx = None
+    if args.image or args.video:
+        ctx = context_latents(model, read_frames(args.image or args.video), args.height, args.width)
+    n_chunks = len(model.transformer.config.chunk_partition)
+
+    def on_chunk(k, lat):
+        if len(prompts) == 1:
+            write_mp4(latents_to_video(model, lat)[0], out, fps=args.fps)
+        print(f"chunk {k + 1}/{n_chunks} done ({lat.shape[1]} latent frames)", flush=True)
+
+    videos = []
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i : i + args.batch_size]
+        lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
+                              width=args.width, context=ctx, on_chunk=on_chunk)
+        videos.append(latents_to_video(model, lat))
+    return torch.cat(videos)
 
 
 def _default_frames(model) -> int:
@@ -315,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=32)
     g.add_argument("--guidance-scale", type=float, default=None, help="teacher default 4.0; students 1.0")
     g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--image", default=None, help="FAR models: image-to-video from this first frame")
+    g.add_argument("--video", default=None, help="FAR models: video-to-video continuing this clip's first chunks")
     g.add_argument("--fps", type=int, default=4)
     g.set_defaults(func=cmd_generate)
 
