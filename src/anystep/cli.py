@@ -318,6 +318,18 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from anystep.export import ExportError, export_run
+    from anystep.models.folders import ModelFolderError
+
+    try:
+        dest = export_run(args.run, args.out, lora_file=args.lora_file, use_ema=not args.no_ema)
+    except (ExportError, ModelFolderError) as e:
+        raise UserError(str(e)) from None
+    print(f"exported to {dest}" + (" (LoRA in pytorch_lora_weights.safetensors)" if args.lora_file else ""))
+    return 0
+
+
 def cmd_student(args) -> int:
     from anystep.models.folders import ModelFolderError
     from anystep.models.students import student_folder_from_teacher
@@ -397,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--shard-size", type=int, default=16)
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(func=cmd_synth)
+
+    x = sub.add_parser("export", help="a training run's checkpoint -> a diffusers folder (LoRA merged or separate)")
+    x.add_argument("--run", required=True, help="a training output folder (holds checkpoint.pt)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--lora-file", action="store_true", help="keep the LoRA as pytorch_lora_weights.safetensors")
+    x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
     s.add_argument("--teacher", required=True)
