@@ -74,3 +74,31 @@ def _write(tmp_path, prompts):
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(prompts) + "\n")
     return str(f)
+
+
+def test_own_clips_encode_to_shards_exactly(teacher, tmp_path, capsys):
+    """mp4 + caption pairs -> shards; the toy codec is exact, so the latents are the clips' own
+    (up to mp4 compression) and the captions come back in file order."""
+    from anystep.data.moving_digits import MovingDigits
+    from anystep.io import write_mp4
+    from anystep.models.latents import encode_pixels
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    ds = MovingDigits("heldout")
+    for i in range(3):
+        c = ds[i]
+        write_mp4(c.video, clips / f"c{i}.mp4", scale=1)
+        (clips / f"c{i}.txt").write_text(c.prompt + "\n")
+    out = tmp_path / "own"
+    assert main(["encode", "--model", str(teacher), "--clips", str(clips), "--out", str(out), "--shard-size", "2"]) == 0
+    data = LatentShards(out)
+    assert data.prompts == [ds[i].prompt for i in range(3)]
+    model = load_model(teacher)
+    ref = encode_pixels(model.codec, torch.from_numpy(ds.batch(range(3))[0]))
+    # Exact codec: what is left is mp4 (yuv420) compression, small against the latent scale.
+    assert data.latents.shape == ref.shape and (data.latents - ref).abs().mean() < 0.15
+    (clips / "c1.txt").unlink()
+    capsys.readouterr()
+    assert main(["encode", "--model", str(teacher), "--clips", str(clips), "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.strip().startswith("anystep: error: c1.mp4 has no caption")

@@ -330,6 +330,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from anystep.data.shards import ShardError, encode_clips
+
+    model = _load(args.model)
+    if args.shard_size < 1:
+        raise UserError("--shard-size must be >= 1")
+    try:
+        paths = encode_clips(model, args.clips, args.out, shard_size=args.shard_size)
+    except (ShardError, ValueError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    print(f"{len(paths)} shard(s) in {args.out}")
+    return 0
+
+
 def cmd_student(args) -> int:
     from anystep.models.folders import ModelFolderError
     from anystep.models.students import student_folder_from_teacher
@@ -409,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--shard-size", type=int, default=16)
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("encode", help="your own clips (name.mp4 + name.txt caption) -> training shards")
+    c.add_argument("--model", required=True, help="the model folder whose codec and text encoder to use")
+    c.add_argument("--clips", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--shard-size", type=int, default=16)
+    c.set_defaults(func=cmd_encode)
 
     x = sub.add_parser("export", help="a training run's checkpoint -> a diffusers folder (LoRA merged or separate)")
     x.add_argument("--run", required=True, help="a training output folder (holds checkpoint.pt)")

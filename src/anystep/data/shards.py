@@ -93,6 +93,62 @@ def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance:
     return paths
 
 
+@torch.no_grad()
+def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) -> list[Path]:
+    """A user's own clips as training shards: every ``name.mp4`` in ``clips_dir`` with its caption in
+    ``name.txt``, encoded with the model folder's codec (posterior mean) and text encoder. Clips are
+    taken in sorted name order; all must share one size and length. Resumable like the synthetic
+    shards (an existing shard is kept)."""
+    from anystep.causal_generation import read_frames
+    from anystep.models.latents import encode_pixels
+    from anystep.models.text import encode_prompts
+    from anystep.train.common import atomic_write
+
+    clips_dir, out = Path(clips_dir), Path(out)
+    if not clips_dir.is_dir():
+        raise ShardError(f"clip folder not found: {clips_dir}")
+    videos = sorted(clips_dir.glob("*.mp4"))
+    if not videos:
+        raise ShardError(f"{clips_dir} holds no .mp4 clips")
+    captions = []
+    for v in videos:
+        cap = v.with_suffix(".txt")
+        if not cap.is_file():
+            raise ShardError(f"{v.name} has no caption file {cap.name}")
+        text = " ".join(cap.read_text().split())
+        if not text:
+            raise ShardError(f"caption {cap.name} is empty")
+        captions.append(text)
+    first = read_frames(videos[0])
+    manifest = {"source": str(clips_dir), "codec": type(model.codec).__name__, "shard_size": shard_size,
+                "num_prompts": len(videos), "num_shards": (len(videos) + shard_size - 1) // shard_size,
+                "num_frames": int(first.shape[0]), "height": int(first.shape[2]), "width": int(first.shape[3])}
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / MANIFEST
+    if mpath.exists() and json.loads(mpath.read_text()) != manifest:
+        raise ShardError(f"{out} holds shards made from different clips or settings; use a fresh --out")
+    atomic_write(mpath, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    pipe, paths = model.pipe, []
+    for s in range(manifest["num_shards"]):
+        path = out / shard_name(s)
+        paths.append(path)
+        if path.exists():
+            continue
+        names, caps = videos[s * shard_size : (s + 1) * shard_size], captions[s * shard_size : (s + 1) * shard_size]
+        frames = [read_frames(v) for v in names]
+        for v, f in zip(names, frames):
+            if f.shape != first.shape:
+                raise ShardError(f"{v.name} is {tuple(f.shape)} (frames, channels, height, width), {videos[0].name} is {tuple(first.shape)}")
+        lat = encode_pixels(model.codec, torch.stack(frames))
+        emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, caps, model.max_sequence_length)
+        tensors = {"latents": lat.float().contiguous(), "text_embeds": emb.float().contiguous(),
+                   "seeds": torch.full((len(caps),), -1)}
+        meta = {"prompts": json.dumps(caps), "shard": str(s), "files": json.dumps([v.name for v in names])}
+        atomic_write(path, lambda f: f.write(_safetensors_bytes(tensors, meta)))
+        progress(f"[encode] shard {s + 1}/{manifest['num_shards']} ({len(caps)} clips) -> {path.name}")
+    return paths
+
+
 def _safetensors_bytes(tensors, meta) -> bytes:
     from safetensors.torch import save
 
