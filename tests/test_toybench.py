@@ -182,3 +182,18 @@ def test_run_toybench_end_to_end(tiny_teacher, tmp_path):
     assert (out / "toybench.png").stat().st_size > 0
     assert on_disk["real"]["Semantic"] >= 95
     assert not list(out.glob("*.tmp"))
+
+
+def test_shifted_domain_real_clips_score_at_the_top():
+    """ToyBench on a shifted domain (the extra colours and diagonal motion used for downstream
+    fine-tuning) still puts real clips at the top, and red on that domain fails colour accuracy."""
+    world = WorldConfig(colors=("magenta", "cyan", "white"), directions=("up-left", "down-right", "left", "up"))
+    prompts = toybench_prompts(24, world)
+    texts = [p for p, _ in prompts]
+    assert {parse_prompt(p)[0] for p in texts} == set(world.colors)
+    real = real_clips_for(prompts, world)
+    r = score_videos(real, texts, world)
+    assert r["color_accuracy"] == 100 and r["direction_accuracy"] == 100 and r["Total"] >= 90
+    red = real.copy()
+    red[:, :, 1:] = -1.0  # keep only the red channel
+    assert score_videos(red, texts, world)["color_accuracy"] < 50

@@ -176,7 +176,15 @@ def cmd_eval(args) -> int:
     steps = _steps_list(args.steps)
     model = _load(args.model)
     del model  # validated; run_toybench loads it itself
-    result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts)
+    domain = {}
+    for key in ("colors", "directions"):
+        value = getattr(args, key)
+        if value:
+            domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+    try:
+        result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts, **domain)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
     return 0
 
@@ -389,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", default="1,2,4,8,16,32")
     e.add_argument("--out", required=True)
     e.add_argument("--n-prompts", type=int, default=40)
+    e.add_argument("--colors", default=None, help="toybench on a shifted domain, e.g. magenta,cyan,white")
+    e.add_argument("--directions", default=None, help="toybench on a shifted domain, e.g. up-left,down-right")
     e.add_argument("--prompts", default=None, help="vbench: prompt file (names the videos)")
     e.add_argument("--augmented", default=None, help="vbench: augmented prompts, line by line, fed to the model")
     e.add_argument("--num-frames", type=int, default=None)

@@ -519,6 +519,8 @@ def run_toybench(
     batch_size: int = 20,
     n_show: int = 4,
     reuse: bool = False,
+    colors: tuple[str, ...] | None = None,
+    directions: tuple[str, ...] | None = None,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -533,6 +535,9 @@ def run_toybench(
     per_clip, seconds}}``. The first ``n_show`` clips of each step count are also kept as
     ``samples_{steps}.npy`` (float16 pixels) for figures that compare methods side by side.
 
+    ``colors`` / ``directions`` evaluate on a shifted domain of the toy world (for example the extra
+    colours magenta, cyan, white), with the same metrics and that domain's real clips as reference.
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
@@ -543,7 +548,8 @@ def run_toybench(
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_folder)
     num_frames = int(num_frames or default_num_frames(model))
-    world = WorldConfig(num_frames=num_frames)
+    domain = {k: tuple(v) for k, v in (("colors", colors), ("directions", directions)) if v}
+    world = WorldConfig(num_frames=num_frames, **domain)  # a shifted domain: other colours / directions
     world.validate()
     prompts = toybench_prompts(n_prompts, world)
     texts = [p for p, _ in prompts]
