@@ -134,3 +134,21 @@ def test_cli_reproduce_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("anystep: error:") for line in err)
     assert not (tmp_path / "o").exists()
+
+
+def test_cost_measurement_reports_every_component(tmp_path):
+    """The Table 5 analogue: every component timed, ratios computed from the medians it reports."""
+    from conftest import make_tiny_teacher
+
+    from anystep.eval.cost import STAGE2_VARIANTS, measure_costs
+    from anystep.report import cost_markdown
+
+    teacher = make_tiny_teacher(tmp_path / "t", steps=1)
+    cost = measure_costs(str(teacher), batch=2, repeats=1, archs=("bidirectional",), progress=lambda m: None)
+    sec = cost["sec_per_iter"]["bidirectional"]
+    assert set(sec) == {"flow_matching", "stage1", *STAGE2_VARIANTS} and all(v > 0 for v in sec.values())
+    r = cost["ratios"]["bidirectional"]
+    assert r["flowmap_over_consistency_s16"] == pytest.approx(sec["flowmap_s16"] / sec["consistency_s16"])
+    assert r["stage1_over_flow_matching"] == pytest.approx(sec["stage1"] / sec["flow_matching"])
+    md = cost_markdown(cost)
+    assert "| flowmap_s16_over_s4 |" in md and "1.00 / 1.00" in md
