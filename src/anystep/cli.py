@@ -282,10 +282,29 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    from anystep.distributed import launched_world_size, setup, shutdown
+    from anystep.train.checkpoint import CheckpointError
+
+    if launched_world_size() > 1 and args.method == "teacher":
+        raise UserError("the toy teacher trains in one process; run `anystep train teacher` without torchrun")
     if check is not None:
         check(cfg)
-    folder = train(cfg)
-    print(f"{what} written to {folder}")
+    env = setup()
+    try:
+        folder = train(cfg)
+    except CheckpointError as e:
+        shutdown(together=False)
+        raise UserError(str(e)) from None
+    except RuntimeError as e:  # DistBackendError included: a peer died or hung mid-collective
+        if not env.distributed:
+            raise
+        shutdown(together=False)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"rank {env.rank} stopped: another rank failed ({first}); the last complete checkpoint "
+                        f"in {getattr(cfg, 'out', '?')}/checkpoint is kept") from None
+    shutdown()
+    if env.is_main:
+        print(f"{what} written to {folder}")
     return 0
 
 

@@ -23,53 +23,66 @@ class ExportError(ValueError):
     """A run folder that cannot be exported (one-line message)."""
 
 
-def _rebuild(state: dict, ckpt: Path):
-    """(student module with LoRA if trained with it, pipe, trainable tensors, EMA state, config, sampler, is_wan)."""
+def _rebuild(meta: dict, where: Path):
+    """(student module with LoRA if trained with it, pipe, checkpoint keys of its trainable tensors
+    and of their EMA, config, sampler, is_wan)."""
     from anystep.config import build_config_from_dict
 
-    cfg = state.get("config")
+    cfg = meta.get("config")
     if not isinstance(cfg, dict):
-        raise ExportError(f"{ckpt} holds no training config")
-    if "student" in state:  # Stage 2
+        raise ExportError(f"{where} holds no training config")
+    if meta.get("name") == "stage2":
         from anystep.train.stage2 import Stage2Config, Stage2Trainer
 
         c = build_config_from_dict(Stage2Config, cfg)
         tr = Stage2Trainer(c)
         sampler = "consistency" if c.rollout == "consistency" else "flowmap"
-        return tr.student, tr.pipe, state["student"], state["ema_g"], c, sampler, False
+        return tr.student, tr.pipe, "student", "ema_g", c, sampler, False
     if "grid_steps" in cfg:  # consistency ODE-init
         from anystep.train.baselines import ConsistencyInitConfig, ConsistencyInitMethod
 
         c = build_config_from_dict(ConsistencyInitConfig, cfg)
         m = ConsistencyInitMethod(c)
-        return m.student, m.pipe, state["trainable"], state["ema"], c, "consistency", False
+        return m.student, m.pipe, "model", "ema", c, "consistency", False
     from anystep.train.stage1 import Stage1Config, Stage1Method
 
     c = build_config_from_dict(Stage1Config, cfg)
     m = Stage1Method(c)
     sampler = "euler_cfg" if c.method == "flow_matching" else "flowmap"
-    return m.student, m.pipe, state["trainable"], state["ema"], c, sampler, m.wan
+    return m.student, m.pipe, "model", "ema", c, sampler, m.wan
 
 
 def export_run(run_dir, dest, lora_file: bool = False, use_ema: bool = True) -> Path:
+    """Write a diffusers folder from ``<run>/checkpoint`` (written by any number of ranks); runs on
+    one process, also inside a torchrun job (rank 0 after the final checkpoint)."""
     from anystep.models.folders import save_anyflow_folder, save_teacher_folder
     from anystep.models.lora import ADAPTER, merge_student_lora
-    from anystep.train.common import EMA, load_trainable
+    from anystep.train.checkpoint import (
+        CheckpointError,
+        checkpoint_dir,
+        has_checkpoint,
+        load_checkpoint,
+        read_meta,
+        recover_interrupted_swap,
+    )
 
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoint.pt"
-    if not ckpt.is_file():
-        raise ExportError(f"{run_dir} is not a training run folder (no checkpoint.pt)")
+    where = checkpoint_dir(run_dir)
+    recover_interrupted_swap(run_dir)
+    if not has_checkpoint(run_dir):
+        raise ExportError(f"{run_dir} is not a training run folder (no {where.name}/ checkpoint)")
     try:
-        state = torch.load(ckpt, weights_only=False, map_location="cpu")
-    except Exception as e:
-        raise ExportError(f"{ckpt} cannot be read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    module, pipe, trainable, ema_state, cfg, sampler, is_wan = _rebuild(state, ckpt)
-    load_trainable(module, trainable, ckpt)
+        meta = read_meta(run_dir)
+        module, pipe, key, ema_key, cfg, sampler, is_wan = _rebuild(meta, where)
+        trained = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+        ema = {n: torch.empty_like(p) for n, p in trained.items()}
+        load_checkpoint(run_dir, {key: trained, ema_key: ema}, single_process=True)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     if use_ema:
-        ema = EMA(module, 0.0)
-        ema.load_state_dict(ema_state)
-        ema.copy_to(module)
+        with torch.no_grad():
+            for n, v in ema.items():
+                trained[n].copy_(v)
     module.eval()
     has_lora = getattr(cfg, "lora_rank", 0) > 0
     if lora_file and not has_lora:

@@ -80,12 +80,20 @@ def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(x, target)
 
 
+def draw_randn(source, shape, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise from a ``torch.Generator`` (or None) or from any object with
+    ``randn(shape, dtype)`` (training's rank-sliced global draws)."""
+    if source is None or isinstance(source, torch.Generator):
+        return torch.randn(shape, generator=source, dtype=dtype)
+    return source.randn(shape, dtype)
+
+
 def consistency_renoise(x0: torch.Tensor, sigma_next: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Consistency sampling's step: predict x0, then re-noise it with *fresh* noise to the next time.
 
     The fresh noise is what moves consistency trajectories off the PF-ODE (paper Fig. 2a).
     """
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    noise = draw_randn(generator, x0.shape, x0.dtype).to(x0.device)
     return (1 - sigma_next) * x0 + sigma_next * noise
 
 

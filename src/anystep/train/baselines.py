@@ -67,6 +67,8 @@ class ConsistencyInitConfig:
     log_every: int = 10
     ckpt_every: int = 100
     threads: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: bool = True  # bf16 compute, CUDA only
 
 
 def ode_time_grid(record: list[float], ode_steps: int, shift: float = 5.0) -> list[float]:
@@ -124,6 +126,7 @@ class ConsistencyInitMethod:
             teacher=cfg.teacher, out=cfg.out, data=cfg.data, num_frames=cfg.num_frames, causal=cfg.causal,
             batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift, gate_value=cfg.gate_value,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
         )
         if cfg.causal:
             s1.update(chunk_partition=tuple(cfg.chunk_partition), min_chunks=min(3, len(cfg.chunk_partition)))
@@ -141,15 +144,18 @@ class ConsistencyInitMethod:
         from anystep.train.loop import step_generator
 
         cfg = self.cfg
-        gen = step_generator(cfg.seed + 7919 * (self.rank + 1), step, micro, STREAM_ODE)
+        # Global-batch draws sliced per rank (RankSlice): N ranks draw what one process would.
+        ranks = self.base.ranks
+        gen = step_generator(cfg.seed + 7919, step, micro, STREAM_ODE)
         x, prompts = self.data.batch(step, cfg.batch_size, micro, cfg.grad_accum, self.rank, self.world_size)
-        cond, null = self.data.embed(prompts), self.data.null(len(prompts))
-        noise = torch.randn(x.shape, generator=gen)
+        dev = self.base.device
+        cond, null = self.data.embed(prompts).to(dev), self.data.null(len(prompts)).to(dev)
+        noise = ranks.randn(gen, x.shape).to(dev)
         states, x0 = teacher_ode_states(self.teacher, noise, cond, null, self.grid, cfg.ode_steps, cfg.shift, cfg.teacher_guidance)
         b = x.shape[0]
-        idx = torch.randint(len(self.grid), (b,), generator=gen)
+        idx = ranks.take(torch.randint(len(self.grid), (b * self.world_size,), generator=gen), b)
         z = states[idx, torch.arange(b)]
-        t = torch.tensor([self.grid[i] for i in idx.tolist()], dtype=torch.float32)
+        t = torch.tensor([self.grid[i] for i in idx.tolist()], dtype=torch.float32, device=dev)
         if cfg.causal:
             from anystep.models.far_train import far_flow_map_velocity
 
@@ -171,16 +177,22 @@ class ConsistencyInitMethod:
 
 def train_consistency_init(cfg: ConsistencyInitConfig) -> Path:
     """Train the consistency ODE-init student; write ``out/model`` (EMA weights, diffusers folder)."""
+    from anystep.distributed import setup
     from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import TrainLoop, write_resolved_config
+    from anystep.train.loop import TrainLoop, final_folder_from_checkpoint, write_resolved_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    method = ConsistencyInitMethod(cfg)
-    loop = TrainLoop(method.student, cfg.out, cfg, name="consistency_init")
+    env = setup()
+    method = ConsistencyInitMethod(cfg, env.rank, env.world_size)
+    method.base.prepare_for_training(env)
+    method.teacher.to(env.device)  # frozen, replicated: it only runs no-grad ODE solves
+    loop = TrainLoop(method.student, cfg.out, cfg, name="consistency_init", env=env)
     write_resolved_config(Path(cfg.out), cfg)
     loop.maybe_resume()
     loop.run(method.loss, cfg.steps)
+    if env.distributed:
+        return final_folder_from_checkpoint(cfg.out)
     final = loop.ema_module().eval()
     if cfg.lora_rank > 0:
         from anystep.models.lora import merge_student_lora

@@ -1,5 +1,6 @@
 """The shared training loop: AdamW + warm-up, clipping, gradient accumulation, EMA, JSONL metrics,
-a progress bar, and atomic checkpoints whose resume continues with the same next loss.
+a progress bar, and atomic DCP checkpoints (:mod:`anystep.train.checkpoint`) whose resume continues
+with the same next loss, at the same or another world size.
 
 Randomness is drawn from a generator seeded by (seed, step), so a resumed run draws exactly the
 numbers an uninterrupted one would have, without replaying any RNG state. The data position is
@@ -10,14 +11,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, load_trainable, warmup_lambda
+from anystep.distributed import DistEnv, all_sum, autocast, current, global_mean, is_sharded, local_value
+from anystep.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+    trainable_tensors,
+)
+from anystep.train.common import EMA, JsonlLogger, warmup_lambda
 
 
 def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
@@ -25,11 +35,47 @@ def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> tor
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro * 97 + stream) % (2**63 - 1))
 
 
+@dataclass(frozen=True)
+class RankSlice:
+    """This rank's rows of the global batch.
+
+    Per-sample random numbers are drawn for the *whole* global batch from a generator every rank
+    shares, then sliced: N ranks then train on exactly the numbers one process would draw for the
+    same global batch (and one process draws what it always drew). Draws happen on the CPU, so they
+    are the same on every device; the caller moves them.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def take(self, values: torch.Tensor, local: int) -> torch.Tensor:
+        return values[self.rank * local : (self.rank + 1) * local]
+
+    def rand(self, gen: torch.Generator, local: int, dtype=torch.float32) -> torch.Tensor:
+        return self.take(torch.rand(local * self.world_size, generator=gen, dtype=dtype), local)
+
+    def randn(self, gen: torch.Generator, shape, dtype=torch.float32) -> torch.Tensor:
+        local = shape[0]
+        return self.take(torch.randn((local * self.world_size, *shape[1:]), generator=gen, dtype=dtype), local)
+
+
+class SlicedNoise:
+    """A noise source for rollouts (consistency re-noising): global draws, this rank's rows."""
+
+    def __init__(self, gen: torch.Generator, ranks: RankSlice):
+        self.gen, self.ranks = gen, ranks
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return self.ranks.randn(self.gen, shape, dtype)
+
+
 class TrainLoop:
     """Owns optimiser, scheduler, EMA and checkpoints for one trainable module.
 
     ``loss_fn(step, micro) -> (loss, metrics)`` computes one micro-batch's loss; the loop scales it
-    for accumulation, clips, steps, updates EMA, logs, and checkpoints.
+    for accumulation, clips, steps, updates EMA, logs, and checkpoints. Under torchrun the module
+    is FSDP2-sharded (:func:`anystep.distributed.shard`): gradients are averaged over ranks, the
+    clip norm, EMA and checkpoint work on the shards, and rank 0 logs global means.
     """
 
     def __init__(
@@ -39,9 +85,11 @@ class TrainLoop:
         cfg,
         *,
         name: str = "train",
+        env: DistEnv | None = None,
     ):
         self.module = module
         self.cfg = cfg
+        self.env = env or current()
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -52,68 +100,64 @@ class TrainLoop:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup))
         self.ema = EMA(module, cfg.ema_decay, cfg.ema_start)
         self.step = 0
-        self.logger = JsonlLogger(self.out / "metrics.jsonl")
-        self.ckpt_path = self.out / "checkpoint.pt"
+        self.logger = JsonlLogger(self.out / "metrics.jsonl" if self.env.is_main else None)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def trainable_state(self) -> dict:
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        return {names[id(p)]: p.detach().clone() for p in self.params}
+    def _tensors(self) -> dict:
+        return {
+            "model": trainable_tensors(self.module, self.params),
+            "optim": optimizer_state(self.module, self.opt),
+            "ema": self.ema.shadow,
+        }
 
     def save(self) -> None:
-        atomic_torch_save(
-            {
-                "step": self.step,
-                "trainable": self.trainable_state(),
-                "opt": self.opt.state_dict(),
-                "sched": self.sched.state_dict(),
-                "ema": self.ema.state_dict(),
-                "config": asdict(self.cfg),
-            },
-            self.ckpt_path,
-        )
+        meta = {"step": self.step, "config": asdict(self.cfg), "sched": self.sched.state_dict(), "name": self.name}
+        save_checkpoint(self.out, self._tensors(), meta)
 
     def maybe_resume(self) -> bool:
-        if not self.ckpt_path.exists():
+        if not find_checkpoint(self.out):
             return False
-        state = torch.load(self.ckpt_path, weights_only=False, map_location="cpu")
-        load_trainable(self.module, state["trainable"], self.ckpt_path)
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.ema.load_state_dict(state["ema"])
-        self.step = int(state["step"])
+        tensors = self._tensors()
+        meta = load_checkpoint(self.out, tensors)
+        load_optimizer_state(self.module, self.opt, tensors["optim"])
+        self.sched.load_state_dict(meta["sched"])
+        self.step = int(meta["step"])
         return True
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, loss_fn: Callable[[int, int], tuple[torch.Tensor, dict]], steps: int, on_step=None) -> None:
         cfg = self.cfg
         accum = max(1, int(getattr(cfg, "grad_accum", 1)))
+        sharded = is_sharded(self.module)
         t0 = time.time()
-        bar = tqdm(total=steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=2.0,
+                   disable=not self.env.is_main)
         while self.step < steps:
             self.opt.zero_grad(set_to_none=True)
             metrics: dict[str, float] = {}
             total = 0.0
             for micro in range(accum):
-                loss, m = loss_fn(self.step, micro)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+                if sharded:  # reduce-scatter gradients once, after the last micro-batch
+                    self.module.set_requires_gradient_sync(micro == accum - 1)
+                with autocast(self.env, getattr(cfg, "mixed_precision", False) and not sharded):
+                    loss, m = loss_fn(self.step, micro)
+                check_finite(loss, f"loss at step {self.step}")
                 (loss / accum).backward()
                 total += loss.item() / accum
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v) / accum
-            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            gn = float(local_value(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)))
             self.opt.step()
             self.sched.step()
             self.step += 1
             self.ema.update(self.module, self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
-            rec = {"step": self.step, "loss": total, "grad_norm": float(gn), "lr": self.sched.get_last_lr()[0],
-                   "time": time.time() - t0, **metrics}
-            if on_step is not None:
-                rec.update(on_step(self.step) or {})
             if self.step % cfg.log_every == 0 or self.step == steps or self.step == 1:
+                rec = {"step": self.step, **global_mean({"loss": total, **metrics}), "grad_norm": gn,
+                       "lr": self.sched.get_last_lr()[0], "time": time.time() - t0}
+                if on_step is not None:
+                    rec.update(on_step(self.step) or {})
                 self.logger.log(rec)
             if self.step % cfg.ckpt_every == 0 or self.step == steps:
                 self.save()
@@ -123,5 +167,29 @@ class TrainLoop:
         return self.ema.ema_copy(self.module)
 
 
+def check_finite(loss: torch.Tensor, what: str) -> None:
+    """Stop on a non-finite loss on *any* rank (every rank raises, none waits in a collective)."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0])
+    if float(all_sum(bad)[0]) > 0:
+        raise FloatingPointError(f"non-finite {what} (value here: {loss.item()})")
+
+
 def write_resolved_config(out: Path, cfg) -> None:
+    if not current().is_main:
+        return
     (Path(out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+
+
+def final_folder_from_checkpoint(run_dir) -> Path:
+    """Sharded runs: rank 0 writes ``<run>/model`` from the final checkpoint's EMA weights (the same
+    rebuild ``anystep export`` does, on one process); the other ranks wait for it."""
+    from anystep.distributed import barrier, broadcast_object
+
+    dest = Path(run_dir) / "model"
+    barrier()
+    if current().is_main:
+        from anystep.export import export_run
+
+        export_run(run_dir, dest)
+    barrier()
+    return Path(broadcast_object(str(dest)))

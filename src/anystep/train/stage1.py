@@ -32,7 +32,9 @@ from anystep.flow.stage1 import (
     sample_t_r,
     sample_types,
 )
+from anystep.distributed import all_sum
 from anystep.train.common import logit_normal_sigma
+from anystep.train.loop import RankSlice
 
 
 @dataclass
@@ -76,20 +78,29 @@ class Stage1Config:
     log_every: int = 10
     ckpt_every: int = 100
     threads: int = 0
+    gradient_checkpointing: bool = False
+    mixed_precision: bool = True  # bf16 compute with fp32 master weights and reductions, CUDA only
     extra: dict = field(default_factory=dict)
 
 
 def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: Stage1Config,
-                 gen: torch.Generator, types: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Algorithm 1 on one micro-batch. ``types`` from :func:`sample_types`.
+                 gen: torch.Generator, types: torch.Tensor, ranks: RankSlice = RankSlice(),
+                 reduce=all_sum) -> tuple[torch.Tensor, dict]:
+    """Algorithm 1 on this rank's micro-batch. ``types`` from :func:`sample_types`, over the
+    *global* batch; (t, r) and the noise are drawn for the global batch and sliced by ``ranks``.
 
     ``net(z, t, r, emb, clean) -> u`` returns u for the last ``u.shape[1]`` frames of the clip
     (all of them for a bidirectional student; the full-resolution chunks for a causal one, whose
     earlier frames are compressed clean context); ``clean`` is the clean clip for teacher forcing.
+    ``reduce`` sums the boundary statistics over ranks: Eq. 7's mu is a global-batch mean, and a
+    rank whose slice holds no boundary sample still gets a finite weight from it.
     """
-    b = x.shape[0]
+    b, dev = x.shape[0], x.device
     t, r = sample_t_r(types, cfg.shift, generator=gen)
-    e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    # w(t) is normalised over the global batch: evaluate it on the global t, then slice.
+    w_t = ranks.take(loss_weight(t, cfg.loss_weight), b).to(dev)
+    t, r, types = ranks.take(t, b).to(dev), ranks.take(r, b).to(dev), ranks.take(types, b).to(dev)
+    e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
     v = e - x
     is_b = types == SAMPLE_BOUNDARY
@@ -117,24 +128,36 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
 
     u = guidance_fused_velocity(u_c, u_null, cfg.guidance)
     per = (u - u_tgt).pow(2).flatten(1).mean(1)
-    w_t = loss_weight(t, cfg.loss_weight)
-    if cfg.adaptive:
-        a = adaptive_weights(per, is_b, cfg.adaptive_c)
-    else:
-        a = torch.ones_like(per)
+    mu, loss_b, loss_g = _boundary_stats(per.detach(), is_b, ranks, reduce)
+    a = adaptive_weights(per, is_b, cfg.adaptive_c, boundary_mean=mu) if cfg.adaptive else torch.ones_like(per)
     loss = (per * a * w_t).mean()
-    metrics = {
-        "loss_boundary": per[is_b].mean().item(),
-        "loss_general": per[~is_b].mean().item() if bool((~is_b).any()) else 0.0,
-    }
+    metrics = {"loss_boundary": loss_b, "loss_general": loss_g}
     return loss, metrics
 
 
-def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def _boundary_stats(d: torch.Tensor, is_b: torch.Tensor, ranks: RankSlice, reduce):
+    """(mu, mean boundary loss, mean other loss) over the global batch.
+
+    One process: the plain means. N ranks: one reduction of [sum_b, n_b, sum_other, n_other].
+    """
+    if ranks.world_size == 1:
+        if not bool(is_b.any()):
+            raise ValueError("adaptive weighting needs at least one boundary (r = t) sample")
+        mu = d[is_b].mean()
+        return mu, mu.item(), (d[~is_b].mean().item() if bool((~is_b).any()) else 0.0)
+    stats = reduce(torch.stack([d[is_b].sum(), is_b.sum().to(d.dtype), d[~is_b].sum(), (~is_b).sum().to(d.dtype)]).cpu())
+    if float(stats[1]) < 1:
+        raise ValueError("adaptive weighting needs at least one boundary (r = t) sample in the global batch")
+    mu = float(stats[0] / stats[1])
+    return torch.tensor(mu, device=d.device, dtype=d.dtype), mu, (float(stats[2] / stats[3]) if float(stats[3]) > 0 else 0.0)
+
+
+def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generator,
+                       ranks: RankSlice = RankSlice()) -> tuple[torch.Tensor, dict]:
     """Plain flow matching at r = t (logit-normal t + shift): the baseline of Table 2."""
-    b = x.shape[0]
-    t = shift_sigma(logit_normal_sigma(b, generator=gen), cfg.shift)
-    e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    b, dev = x.shape[0], x.device
+    t = ranks.take(shift_sigma(logit_normal_sigma(b * ranks.world_size, generator=gen), cfg.shift), b).to(dev)
+    e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
     u = net(z, t, t, cond, x).float()
     v = (e - x)[:, x.shape[1] - u.shape[1] :]
@@ -196,6 +219,18 @@ class Stage1Method:
         else:
             self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
         self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
+        self.device = torch.device("cpu")  # set by prepare_for_training on a GPU
+        self.reduce = all_sum  # sums Eq. 7's boundary statistics over ranks
+
+    def prepare_for_training(self, env) -> None:
+        """Move the student to this rank's device, switch on gradient checkpointing, shard (FSDP2)."""
+        from anystep.distributed import shard
+
+        self.device = env.device
+        self.student.to(env.device)
+        if self.cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        shard(self.student, env, mixed_precision=self.cfg.mixed_precision)
 
     def _causal_net(self, partition, teacher_forcing: bool = True):
         from anystep.models.far_train import far_flow_map_velocity
@@ -214,15 +249,20 @@ class Stage1Method:
             return int(torch.randint(self.cfg.min_chunks, n + 1, (), generator=gen))
         return self.cfg.min_chunks
 
+    @property
+    def ranks(self) -> RankSlice:
+        return RankSlice(self.rank, self.world_size)
+
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from anystep.train.loop import step_generator
 
         cfg = self.cfg
         gen = step_generator(cfg.seed, step, micro)
         x, prompts = self.data.batch(step, cfg.batch_size, micro, cfg.grad_accum, self.rank, self.world_size)
-        drop = torch.rand(len(prompts), generator=gen) < cfg.null_prob
+        drop = self.ranks.rand(gen, len(prompts)) < cfg.null_prob
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        cond, null = self.data.embed(prompts), self.data.null(len(prompts))
+        cond, null = self.data.embed(prompts).to(self.device), self.data.null(len(prompts)).to(self.device)
+        x = x.to(self.device)
         net = self.net if not cfg.causal else None
         aux = None
         if cfg.causal:
@@ -234,19 +274,16 @@ class Stage1Method:
             net = self._causal_net(part)
             if float(torch.rand((), generator=shared)) < cfg.bidirectional_aux_prob:
                 full = (x.shape[1],)
-                aux = flow_matching_loss(self._causal_net(full, teacher_forcing=False), x, cond, null, cfg, gen)[0]
+                aux = flow_matching_loss(self._causal_net(full, teacher_forcing=False), x, cond, null, cfg, gen, self.ranks)[0]
         if cfg.method == "flow_matching":
-            loss, m = flow_matching_loss(net, x, cond, null, cfg, gen)
+            loss, m = flow_matching_loss(net, x, cond, null, cfg, gen, self.ranks)
             return (loss + aux if aux is not None else loss), m
         if cfg.method != "flowmap":
             raise ValueError(f"method must be 'flowmap' or 'flow_matching', got {cfg.method!r}")
-        b = cfg.batch_size
-        types = sample_types(b * self.world_size, cfg.boundary_frac, cfg.zero_frac)[self.rank * b : (self.rank + 1) * b]
-        # A rank's slice of the global split may hold no boundary sample; keep the weight finite.
-        if not bool((types == SAMPLE_BOUNDARY).any()):
-            types = types.clone()
-            types[0] = SAMPLE_BOUNDARY
-        loss, m = flowmap_loss(net, x, cond, null, cfg, gen, types)
+        # The split is by position in the *global* batch; a rank's slice may hold no boundary
+        # sample, and Eq. 7's mu then comes from the other ranks' (see flowmap_loss).
+        types = sample_types(cfg.batch_size * self.world_size, cfg.boundary_frac, cfg.zero_frac)
+        loss, m = flowmap_loss(net, x, cond, null, cfg, gen, types, self.ranks, self.reduce)
         if aux is not None:
             m["loss_bidirectional_aux"] = aux.item()
             loss = loss + aux
@@ -271,16 +308,21 @@ def _zero_init_delta(student) -> None:
 
 
 def train_stage1(cfg: Stage1Config) -> Path:
+    from anystep.distributed import setup
     from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import TrainLoop, write_resolved_config
+    from anystep.train.loop import TrainLoop, final_folder_from_checkpoint, write_resolved_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    method = Stage1Method(cfg)
-    loop = TrainLoop(method.student, cfg.out, cfg, name=f"stage1:{cfg.method}")
+    env = setup()
+    method = Stage1Method(cfg, env.rank, env.world_size)
+    method.prepare_for_training(env)
+    loop = TrainLoop(method.student, cfg.out, cfg, name=f"stage1:{cfg.method}", env=env)
     write_resolved_config(Path(cfg.out), cfg)
     loop.maybe_resume()
     loop.run(method.loss, cfg.steps)
+    if env.distributed:
+        return final_folder_from_checkpoint(cfg.out)
     final = loop.ema_module().eval()
     if cfg.lora_rank > 0:
         from anystep.models.lora import merge_student_lora

@@ -31,8 +31,10 @@ exactly what an uninterrupted one would have. Checkpoints are atomic and hold th
 critic, both optimisers, both EMAs and the step; the final folder is the student's EMA weights
 written as a diffusers ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` folder.
 
-Multi-process training is not wired (as in Stage 1, ranks only slice the data and the noise);
-gradients are not all-reduced here.
+Under torchrun the student and the teacher / critic are FSDP2-sharded
+(:func:`anystep.distributed.shard`); every per-sample random number is drawn for the global batch
+and sliced (:class:`anystep.train.loop.RankSlice`), so N ranks reproduce one process's run at the
+same global batch. Checkpoints are DCP folders, resumable at any world size.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from contextlib import nullcontext as _nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +58,17 @@ from anystep.flow.stage2 import (
     sample_budget_and_index,
     x0_from_velocity,
 )
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, warmup_lambda
+from anystep.distributed import autocast, global_mean, is_sharded, local_value, setup
+from anystep.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    save_checkpoint,
+    trainable_tensors,
+)
+from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
+from anystep.train.loop import RankSlice, SlicedNoise, check_finite
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
@@ -107,6 +120,8 @@ class Stage2Config:
     log_every: int = 10
     ckpt_every: int = 100
     threads: int = 0
+    gradient_checkpointing: bool = False  # student, and the critic when it is trained in full
+    mixed_precision: bool = True  # bf16 compute with fp32 master weights and reductions, CUDA only
 
 
 def _student_partition(folder) -> tuple[int, ...]:
@@ -155,6 +170,7 @@ class Stage2Trainer:
             teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", data=cfg.data, num_frames=cfg.num_frames,
             causal=cfg.causal, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift,
             lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
         )
         if cfg.causal:
             s1.update(chunk_partition=part, min_chunks=min(3, len(part)))
@@ -188,6 +204,16 @@ class Stage2Trainer:
 
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True)
 
+        self._build_optimisers()
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.device = torch.device("cpu")
+        self.env = None
+
+    def _build_optimisers(self) -> None:
+        """Optimisers, schedulers and EMAs over the current parameters (rebuilt after sharding, whose
+        DTensor parameters replace the plain ones)."""
+        cfg = self.cfg
         self.student_params = [p for p in self.student.parameters() if p.requires_grad]
         self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
         if not self.student_params or not self.critic_params:
@@ -198,9 +224,23 @@ class Stage2Trainer:
         self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, warmup_lambda(cfg.warmup))
         self.ema_g = EMA(self.student, cfg.ema_decay, cfg.ema_start)
         self.ema_c = EMA(self.critic, cfg.ema_decay, cfg.ema_start)
-        self.step = 0
-        self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "checkpoint.pt"
+
+    def prepare_for_training(self, env) -> None:
+        """Devices, gradient checkpointing and FSDP2 for the student and the teacher / critic.
+
+        The teacher carries the critic's adapters (one network, two scores), so sharding it shards
+        both; a full-copy critic is sharded on its own.
+        """
+        from anystep.distributed import shard
+
+        self.env, self.device = env, env.device
+        self.stage1.prepare_for_training(env)
+        for net in {id(m): m for m in (self.teacher, self.critic)}.values():
+            net.to(env.device)
+            if self.cfg.gradient_checkpointing and net is not self.teacher:
+                net.enable_gradient_checkpointing()
+            shard(net, env, mixed_precision=self.cfg.mixed_precision)
+        self._build_optimisers()
 
     # -- randomness ------------------------------------------------------------------------------
     def _shared(self, step: int, micro: int, stream: int) -> torch.Generator:
@@ -209,13 +249,18 @@ class Stage2Trainer:
         return step_generator(self.cfg.seed, step, micro, stream)
 
     def _own(self, step: int, micro: int, stream: int) -> torch.Generator:
+        """The per-sample noise stream. Every rank holds the same generator and draws for the whole
+        global batch, keeping its own rows (:class:`RankSlice`)."""
         from anystep.train.loop import step_generator
 
-        return step_generator(self.cfg.seed + _RANK_SEED_STRIDE * (self.rank + 1), step, micro, stream)
+        return step_generator(self.cfg.seed + _RANK_SEED_STRIDE, step, micro, stream)
+
+    @property
+    def ranks(self) -> RankSlice:
+        return RankSlice(self.rank, self.world_size)
 
     def _rank_slice(self, values: torch.Tensor) -> torch.Tensor:
-        b = self.cfg.batch_size
-        return values[self.rank * b : (self.rank + 1) * b]
+        return self.ranks.take(values, self.cfg.batch_size)
 
     # -- the scores --------------------------------------------------------------------------------
     @contextmanager
@@ -266,7 +311,7 @@ class Stage2Trainer:
             return flowmap_backward_simulation(self.student, noise, cond, s, g, cfg.shift, **kw)
         s = cfg.consistency_steps
         k = int(torch.randint(s, (), generator=shared))
-        return consistency_backward_simulation(self.student, noise, cond, s, k, cfg.shift, own, **kw)
+        return consistency_backward_simulation(self.student, noise, cond, s, k, cfg.shift, SlicedNoise(own, self.ranks), **kw)
 
     def _batch(self, step: int, slot: int):
         """Generator micro-batches use slots 0..A-1 of the step, critic ones A..2A-1: fresh data each."""
@@ -278,12 +323,13 @@ class Stage2Trainer:
         cfg = self.cfg
         shared, own = self._shared(step, micro, STREAM_GEN_SHARED), self._own(step, micro, STREAM_GEN_NOISE)
         x, prompts = self._batch(step, micro)
-        cond, null = self.data.embed(prompts), self.data.null(len(prompts))
-        noise = torch.randn(x.shape, generator=own)
+        dev = self.device
+        cond, null = self.data.embed(prompts).to(dev), self.data.null(len(prompts)).to(dev)
+        noise = self.ranks.randn(own, x.shape).to(dev)
         ro = self.rollout(noise, cond, shared, own)
         x_hat = ro.sample
-        sigma = self._rank_slice(dmd_renoise_sigma(cfg.batch_size * self.world_size, cfg.shift, shared))
-        z = add_noise(x_hat.detach(), torch.randn(x_hat.shape, generator=own), sigma)
+        sigma = self._rank_slice(dmd_renoise_sigma(cfg.batch_size * self.world_size, cfg.shift, shared)).to(dev)
+        z = add_noise(x_hat.detach(), self.ranks.randn(own, x_hat.shape).to(dev), sigma)
         x0_real = self.real_x0(z, sigma, cond, null)
         x0_fake = self.fake_x0(z, sigma, cond)
         grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake)
@@ -305,35 +351,40 @@ class Stage2Trainer:
         cfg = self.cfg
         shared, own = self._shared(step, micro, STREAM_CRITIC_SHARED), self._own(step, micro, STREAM_CRITIC_NOISE)
         x, prompts = self._batch(step, cfg.grad_accum + micro)
-        cond = self.data.embed(prompts)
-        noise = torch.randn(x.shape, generator=own)
+        dev = self.device
+        cond = self.data.embed(prompts).to(dev)
+        noise = self.ranks.randn(own, x.shape).to(dev)
         with torch.no_grad():
             ro = self.rollout(noise, cond, shared, own)
         x_hat = ro.sample.detach()
-        t = self._rank_slice(shift_sigma(logit_normal_sigma(cfg.batch_size * self.world_size, generator=shared), cfg.shift))
-        e = torch.randn(x_hat.shape, generator=own)
+        t = self._rank_slice(shift_sigma(logit_normal_sigma(cfg.batch_size * self.world_size, generator=shared), cfg.shift)).to(dev)
+        e = self.ranks.randn(own, x_hat.shape).to(dev)
         v = self.critic_velocity(add_noise(x_hat, e, t), t, cond)
         loss = (v - (e - x_hat)).pow(2).flatten(1).mean(1).mean()
         return loss, {f"critic_{k}": val for k, val in ro.info.items()}
 
     def _update(self, loss_fn, params, opt, sched, ema, module, tag: str) -> dict:
         cfg = self.cfg
+        sharded = is_sharded(module)
+        env = self.env
         opt.zero_grad(set_to_none=True)
         total, metrics = 0.0, {}
         for micro in range(cfg.grad_accum):
-            loss, m = loss_fn(self.step, micro)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite {tag} loss {loss.item()} at step {self.step}")
+            if sharded:  # reduce-scatter once, after the last micro-batch
+                module.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            with autocast(env, cfg.mixed_precision and not sharded) if env is not None else _nullcontext():
+                loss, m = loss_fn(self.step, micro)
+            check_finite(loss, f"{tag} loss at step {self.step}")
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        gn = float(local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         opt.step()
         sched.step()
         ema.update(module, self.step + 1)
         opt.zero_grad(set_to_none=True)
-        return {f"loss_{tag}": total, f"grad_norm_{tag}": float(gn), **metrics}
+        return {f"loss_{tag}": total, f"grad_norm_{tag}": gn, **metrics}
 
     def generator_step(self) -> dict:
         """One generator update: only the student's parameters move."""
@@ -351,43 +402,32 @@ class Stage2Trainer:
         return rec
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    @staticmethod
-    def _trainable(module, params) -> dict:
-        ids = {id(p) for p in params}
-        return {n: p.detach().clone() for n, p in module.named_parameters() if id(p) in ids}
+    def _tensors(self) -> dict:
+        return {
+            "student": trainable_tensors(self.student, self.student_params),
+            "critic": trainable_tensors(self.critic, self.critic_params),
+            "opt_g": optimizer_state(self.student, self.opt_g),
+            "opt_c": optimizer_state(self.critic, self.opt_c),
+            "ema_g": self.ema_g.shadow,
+            "ema_c": self.ema_c.shadow,
+        }
 
     def save(self) -> None:
-        atomic_torch_save(
-            {
-                "step": self.step,
-                "student": self._trainable(self.student, self.student_params),
-                "critic": self._trainable(self.critic, self.critic_params),
-                "opt_g": self.opt_g.state_dict(),
-                "opt_c": self.opt_c.state_dict(),
-                "sched_g": self.sched_g.state_dict(),
-                "sched_c": self.sched_c.state_dict(),
-                "ema_g": self.ema_g.state_dict(),
-                "ema_c": self.ema_c.state_dict(),
-                "config": asdict(self.cfg),
-            },
-            self.ckpt_path,
-        )
+        """Collective: a DCP checkpoint of everything that moves (:mod:`anystep.train.checkpoint`)."""
+        meta = {"step": self.step, "config": asdict(self.cfg), "name": "stage2",
+                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict()}
+        save_checkpoint(self.out, self._tensors(), meta)
 
     def maybe_resume(self) -> bool:
-        if not self.ckpt_path.exists():
+        if not find_checkpoint(self.out):
             return False
-        state = torch.load(self.ckpt_path, weights_only=False, map_location="cpu")
-        from anystep.train.common import load_trainable
-
-        for key, module in (("student", self.student), ("critic", self.critic)):
-            load_trainable(module, state[key], self.ckpt_path, key)
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
-        self.sched_g.load_state_dict(state["sched_g"])
-        self.sched_c.load_state_dict(state["sched_c"])
-        self.ema_g.load_state_dict(state["ema_g"])
-        self.ema_c.load_state_dict(state["ema_c"])
-        self.step = int(state["step"])
+        tensors = self._tensors()
+        meta = load_checkpoint(self.out, tensors)
+        load_optimizer_state(self.student, self.opt_g, tensors["opt_g"])
+        load_optimizer_state(self.critic, self.opt_c, tensors["opt_c"])
+        self.sched_g.load_state_dict(meta["sched_g"])
+        self.sched_c.load_state_dict(meta["sched_c"])
+        self.step = int(meta["step"])
         return True
 
     def final_student(self):
@@ -403,29 +443,35 @@ class Stage2Trainer:
 def train_stage2(cfg: Stage2Config) -> Path:
     """Run (or resume) Stage 2 and write ``out/model``, a diffusers folder of the student's EMA weights."""
     from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import write_resolved_config
+    from anystep.train.loop import final_folder_from_checkpoint, write_resolved_config
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    trainer = Stage2Trainer(cfg)
+    env = setup()
+    trainer = Stage2Trainer(cfg, env.rank, env.world_size)
+    trainer.prepare_for_training(env)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_resolved_config(out, cfg)
     trainer.maybe_resume()
-    logger = JsonlLogger(out / "metrics.jsonl")
+    logger = JsonlLogger(out / "metrics.jsonl" if env.is_main else None)
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"stage2:{cfg.rollout}", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"stage2:{cfg.rollout}", dynamic_ncols=True, mininterval=2.0,
+               disable=not env.is_main)
     while trainer.step < cfg.steps:
         rec = trainer.train_step()
         step = trainer.step
         bar.update(1)
         bar.set_postfix(dmd=f"{rec['loss_dmd']:.4f}", critic=f"{rec['loss_critic']:.4f}")
-        rec = {"step": step, **rec, "lr": trainer.sched_g.get_last_lr()[0], "time": time.time() - t0}
         if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-            logger.log(rec)
+            norms = {k: rec.pop(k) for k in list(rec) if k.startswith("grad_norm_")}  # already global
+            logger.log({"step": step, **global_mean(rec), **norms, "lr": trainer.sched_g.get_last_lr()[0],
+                        "time": time.time() - t0})
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             trainer.save()
     bar.close()
+    if env.distributed:
+        return final_folder_from_checkpoint(cfg.out)
     pipe = trainer.pipe
     # A consistency-trained student is served by the consistency sampler (Table 2 baselines).
     sampler = "consistency" if cfg.rollout == "consistency" else "flowmap"
