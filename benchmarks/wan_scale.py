@@ -80,6 +80,22 @@ def state_memory_gib(counts: dict, world: int) -> dict:
     return {"stage1_states_gib": round(s1, 2), "stage2_states_gib": round(s2, 2)}
 
 
+def activation_gib(shape: dict, latent, batch: int) -> dict:
+    """A floor for the activations kept for backward with gradient checkpointing: each block's bf16
+    input for every forward that carries gradient (Stage 1: one; Stage 2: the three flow-map jumps
+    plus the co-trained Stage-1 loss), plus one block's recomputed working set (its FFN hidden
+    state dominates; attention is flash / memory-efficient). Not a measurement."""
+    f, _, h, w = latent
+    pt, ph, pw = shape["patch_size"]
+    tokens = (f // pt) * (h // ph) * (w // pw)
+    dim = shape["num_attention_heads"] * shape["attention_head_dim"]
+    per_forward = tokens * dim * 2 * shape["num_layers"] * batch
+    block = tokens * (shape["ffn_dim"] + 4 * dim) * 2 * batch
+    gib = 2**30
+    return {"tokens": tokens, "stage1_activations_gib": round((per_forward + block) / gib, 1),
+            "stage2_activations_gib": round((4 * per_forward + block) / gib, 1)}
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -165,7 +181,10 @@ def main(argv=None) -> int:
     if args.estimate:
         for name, shape in WAN_TRANSFORMERS.items():
             counts = count_parameters(shape, args.lora_rank)
-            result[name] = {**counts, **{f"gpus_{w}": state_memory_gib(counts, w) for w in (1, 8, 32)}}
+            act = activation_gib(shape, REAL_LATENT, args.batch)
+            result[name] = {**counts, **act, **{f"gpus_{w}": state_memory_gib(counts, w) for w in (1, 8, 32)}}
+            print(f"{name}: activations at 81x480x832, batch {args.batch} per GPU ({act['tokens']} tokens a clip), "
+                  f"floor: Stage 1 {act['stage1_activations_gib']} GiB, Stage 2 {act['stage2_activations_gib']} GiB")
             print(f"{name}: student {counts['student_total'] / 1e9:.2f}B parameters, "
                   f"{counts['student_trainable'] / 1e6:.0f}M trainable (LoRA rank {args.lora_rank}); "
                   + "; ".join(f"{w} GPUs: Stage 1 {state_memory_gib(counts, w)['stage1_states_gib']} GiB, "
