@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_encode)
 
     x = sub.add_parser("export", help="a training run's checkpoint -> a diffusers folder (LoRA merged or separate)")
-    x.add_argument("--run", required=True, help="a training output folder (holds checkpoint.pt)")
+    x.add_argument("--run", required=True, help="a training output folder (holds checkpoint/, written by any number of ranks)")
     x.add_argument("--out", required=True)
     x.add_argument("--lora-file", action="store_true", help="keep the LoRA as pytorch_lora_weights.safetensors")
     x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
