@@ -195,3 +195,16 @@ def test_teacher_training_refuses_torchrun(tmp_path):
     assert p.returncode != 0
     assert "anystep: error: the toy teacher trains in one process" in p.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_bf16_policy_keeps_timesteps_fp32(teacher_dir, reference, tmp_path):
+    """FSDP's bf16 parameter policy (forced on CPU) on Stage 1: the timesteps must reach the model
+    in fp32. FSDP's input casting would round sigma x 1000 to bf16 (spacing 4 above 512), below
+    Eq. 4's +-5 finite-difference offsets; that moved this curve by ~2e-3 relative, bf16 compute
+    alone by ~1e-4."""
+    env = {**_env(), "ANYSTEP_FSDP_BF16_ON_CPU": "1"}
+    p = subprocess.run(_cmd(2, "stage1", stage1_args(teacher_dir, tmp_path / "bf16", 2)), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for ra, rb in zip(metrics(reference), metrics(tmp_path / "bf16")):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=5e-4), (ra["step"], ra["loss"], rb["loss"])

@@ -185,3 +185,15 @@ def test_flow_matching_baseline_trains_the_wan_teacher(teacher_dir, tmp_path):
     folder = train_stage1(_cfg(teacher_dir, tmp_path, method="flow_matching", steps=1))
     m = load_model(folder)
     assert m.kind == "teacher"
+
+
+def test_resume_refuses_another_global_batch(teacher_dir, tmp_path):
+    """The data position and the rank-sliced draws are functions of the global batch: a resume
+    with a different one is a clear error, and the checkpoint is left as it was."""
+    from anystep.train.checkpoint import CheckpointError, read_meta
+
+    train_stage1(_cfg(teacher_dir, tmp_path, steps=1, ckpt_every=1))
+    before = read_meta(tmp_path / "s1")
+    with pytest.raises(CheckpointError, match="global batch 4 .* this run has 2"):
+        train_stage1(_cfg(teacher_dir, tmp_path, steps=2, batch_size=2))
+    assert read_meta(tmp_path / "s1") == before

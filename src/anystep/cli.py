@@ -300,8 +300,8 @@ def cmd_train(args) -> int:
             raise
         shutdown(together=False)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"rank {env.rank} stopped: another rank failed ({first}); the last complete checkpoint "
-                        f"in {getattr(cfg, 'out', '?')}/checkpoint is kept") from None
+        raise UserError(f"rank {env.rank} stopped ({first}); if another rank failed, its log says why; the last "
+                        f"complete checkpoint in {getattr(cfg, 'out', '?')}/checkpoint is kept") from None
     shutdown()
     if env.is_main:
         print(f"{what} written to {folder}")

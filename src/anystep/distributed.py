@@ -140,10 +140,16 @@ def shard(module: torch.nn.Module, env: DistEnv, mixed_precision: bool = True) -
         return module
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy()
-    if mixed_precision and env.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # No input casting: FSDP would round the timesteps (sigma x 1000) to bf16, whose spacing above
+    # 512 is 4 -- coarser than Eq. 4's +-5 finite-difference offsets -- and would copy the KV-cache
+    # dict a causal rollout writes into. The velocity helpers cast latents and text embeddings to
+    # ``anystep_compute_dtype`` themselves; timesteps stay fp32.
+    mp = MixedPrecisionPolicy(cast_forward_inputs=False)
+    bf16 = mixed_precision and (env.device.type == "cuda" or os.environ.get("ANYSTEP_FSDP_BF16_ON_CPU") == "1")
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     module.to(env.device)
+    module.anystep_compute_dtype = torch.bfloat16 if bf16 else None
     for block in transformer_blocks(module):
         fully_shard(block, mp_policy=mp)
     # The root reshards after forward too: a no-grad forward (a rollout, a score) is never followed

@@ -471,7 +471,9 @@ def far_flow_map_velocity(
     n_ctx = lay["n_context_frames"]
     t = _per_frame(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
     r = _per_frame(r_sigma, b, f, "r_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    dtype = model.dtype
+    from anystep.models.students import compute_dtype
+
+    dtype = compute_dtype(model)
     kw = {}
     hidden = z
     if clean_latents is not None:

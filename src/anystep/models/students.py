@@ -324,6 +324,12 @@ def _per_frame(sigma, batch: int, frames: int, name: str) -> torch.Tensor:
     return s
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a model computes in: FSDP2 with a bf16 policy keeps fp32 master weights (so
+    ``model.dtype`` says fp32) but gathers bf16 ones for the forward (set by ``anystep.distributed.shard``)."""
+    return getattr(model, "anystep_compute_dtype", None) or model.dtype
+
+
 def flow_map_velocity(model, z: torch.Tensor, t_sigma, r_sigma, prompt_embeds: torch.Tensor) -> torch.Tensor:
     """Average velocity ``u(z_t, t, r)`` of a bidirectional AnyFlow student; ``z_r = z_t - (t - r) u``.
 
@@ -342,10 +348,10 @@ def flow_map_velocity(model, z: torch.Tensor, t_sigma, r_sigma, prompt_embeds: t
     t = _per_frame(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
     r = _per_frame(r_sigma, b, f, "r_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
     out = model(
-        hidden_states=z.to(model.dtype),
+        hidden_states=z.to(compute_dtype(model)),
         timestep=t,
         r_timestep=r,
-        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=model.dtype),
+        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=compute_dtype(model)),
         return_dict=False,
     )[0]
     return out
@@ -371,9 +377,9 @@ def teacher_velocity(wan_model, z: torch.Tensor, t_sigma, prompt_embeds: torch.T
             raise ValueError("per-frame sigmas need a Wan model with temporal patch 1")
         timestep = t.repeat_interleave((h // ph) * (w // pw), dim=1)
     out = wan_model(
-        hidden_states=z.permute(0, 2, 1, 3, 4).to(wan_model.dtype),
+        hidden_states=z.permute(0, 2, 1, 3, 4).to(compute_dtype(wan_model)),
         timestep=timestep,
-        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=wan_model.dtype),
+        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=compute_dtype(wan_model)),
         return_dict=False,
     )[0]
     return out.permute(0, 2, 1, 3, 4)

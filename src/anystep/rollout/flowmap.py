@@ -153,6 +153,9 @@ class CausalRolloutState:
         self.index = 0
         self.done: list[torch.Tensor] = []
         self.device = next(model.parameters()).device
+        from anystep.models.students import compute_dtype
+
+        self.dtype = compute_dtype(model)  # the cache holds what the blocks compute in (bf16 under FSDP's policy)
         self.cache = self._empty_cache(0, 0) if use_cache else None
 
     # chunk frame ranges
@@ -162,7 +165,7 @@ class CausalRolloutState:
 
     def _empty_cache(self, n_comp_tokens: int, n_full_tokens: int) -> dict:
         cfg = self.model.config
-        dtype = self.model.dtype
+        dtype = self.dtype
 
         def zeros(n):
             return torch.zeros(
@@ -185,10 +188,10 @@ class CausalRolloutState:
             raise ValueError(f"chunk {k} has {n} frames, got z with {z.shape[1]}")
         if self.use_cache:
             out, _ = self.model(
-                hidden_states=z.to(self.model.dtype),
+                hidden_states=z.to(self.dtype),
                 timestep=self._times(t, n),
                 r_timestep=self._times(r, n),
-                encoder_hidden_states=self.cond.to(device=self.device, dtype=self.model.dtype),
+                encoder_hidden_states=self.cond.to(device=self.device, dtype=self.dtype),
                 chunk_partition=list(self.part[: k + 1]),
                 kv_cache=self.cache,
                 kv_cache_flag={"num_cached_chunks": k, "is_cache_step": False},
@@ -231,10 +234,10 @@ class CausalRolloutState:
         x = torch.cat(self.done, dim=1)
         f = x.shape[1]
         self.model(
-            hidden_states=x.to(self.model.dtype),
+            hidden_states=x.to(self.dtype),
             timestep=self._times(0.0, f),
             r_timestep=self._times(0.0, f),
-            encoder_hidden_states=self.cond.to(device=self.device, dtype=self.model.dtype),
+            encoder_hidden_states=self.cond.to(device=self.device, dtype=self.dtype),
             chunk_partition=list(part),
             attention_mask=far_attention_mask(self.model, part, self.h, self.w, False, mode="cache", device=self.device),
             kv_cache=self.cache,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -128,16 +129,27 @@ def save_checkpoint(run_dir, tensors: dict, meta: dict) -> Path:
     return final
 
 
-def load_checkpoint(run_dir, tensors: dict, single_process: bool = False) -> dict:
+def load_checkpoint(run_dir, tensors: dict, single_process: bool = False, expect_global_batch: int | None = None) -> dict:
     """Fill ``tensors`` (same structure as saved, any sharding) in place; returns the meta.
 
     Collective under torchrun, unless ``single_process`` (one rank reading alone, as export does).
     """
     meta = read_meta(run_dir)
+    if expect_global_batch is not None and meta.get("global_batch") not in (None, expect_global_batch):
+        raise CheckpointError(
+            f"{checkpoint_dir(run_dir)} was written at global batch {meta['global_batch']} (batch_size x ranks x "
+            f"grad_accum) but this run has {expect_global_batch}: set batch_size so that the global batch matches"
+        )
     try:
         dcp.load(tensors, checkpoint_id=str(checkpoint_dir(run_dir)), no_dist=single_process or _no_dist())
-    except Exception as e:  # a missing key or a shape mismatch: the run does not fit this checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (Exception, CheckpointException) as e:  # a missing key or a shape mismatch (DCP's is a BaseException)
+        text = str(e).strip()
+        failures = getattr(e, "failures", None)
+        if failures:  # {rank: (exception, traceback)}: the first rank's own message says what is wrong
+            err = next(iter(failures.values()))
+            err = err[0] if isinstance(err, tuple) else err
+            text = str(err).strip() or text
+        first = text.splitlines()[0][:300] if text else type(e).__name__
         raise CheckpointError(f"{checkpoint_dir(run_dir)} does not fit this run: {first}") from None
     return meta
 

@@ -110,15 +110,21 @@ class TrainLoop:
             "ema": self.ema.shadow,
         }
 
+    def global_batch(self) -> int:
+        """Samples per optimiser step over all ranks: a resume must keep it (the data position and
+        the rank-sliced random draws are functions of it)."""
+        return int(self.cfg.batch_size) * self.env.world_size * max(1, int(getattr(self.cfg, "grad_accum", 1)))
+
     def save(self) -> None:
-        meta = {"step": self.step, "config": asdict(self.cfg), "sched": self.sched.state_dict(), "name": self.name}
+        meta = {"step": self.step, "config": asdict(self.cfg), "sched": self.sched.state_dict(), "name": self.name,
+                "global_batch": self.global_batch()}
         save_checkpoint(self.out, self._tensors(), meta)
 
     def maybe_resume(self) -> bool:
         if not find_checkpoint(self.out):
             return False
         tensors = self._tensors()
-        meta = load_checkpoint(self.out, tensors)
+        meta = load_checkpoint(self.out, tensors, expect_global_batch=self.global_batch())
         load_optimizer_state(self.module, self.opt, tensors["optim"])
         self.sched.load_state_dict(meta["sched"])
         self.step = int(meta["step"])
@@ -182,14 +188,18 @@ def write_resolved_config(out: Path, cfg) -> None:
 
 def final_folder_from_checkpoint(run_dir) -> Path:
     """Sharded runs: rank 0 writes ``<run>/model`` from the final checkpoint's EMA weights (the same
-    rebuild ``anystep export`` does, on one process); the other ranks wait for it."""
-    from anystep.distributed import barrier, broadcast_object
+    rebuild ``anystep export`` does, on one process).
 
+    The process group is torn down first: at 14B the rebuild takes long enough that ranks waiting
+    in a collective for it would hit the timeout, and it needs no other rank.
+    """
+    from anystep.distributed import shutdown
+
+    env = current()
     dest = Path(run_dir) / "model"
-    barrier()
-    if current().is_main:
+    shutdown()
+    if env.is_main:
         from anystep.export import export_run
 
         export_run(run_dir, dest)
-    barrier()
-    return Path(broadcast_object(str(dest)))
+    return dest

@@ -228,6 +228,10 @@ class Stage1Method:
 
         self.device = env.device
         self.student.to(env.device)
+        if self.cfg.causal:  # flex attention on CUDA, the dense fallback on CPU: pick for the new device
+            from anystep.models.far_train import far_attention_for_device
+
+            far_attention_for_device(self.student, env.device)
         if self.cfg.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         shard(self.student, env, mixed_precision=self.cfg.mixed_precision)
