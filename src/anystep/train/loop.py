@@ -9,6 +9,7 @@ the step counter itself (clip indices are a function of the step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -134,27 +135,12 @@ class TrainLoop:
     def run(self, loss_fn: Callable[[int, int], tuple[torch.Tensor, dict]], steps: int, on_step=None) -> None:
         cfg = self.cfg
         accum = max(1, int(getattr(cfg, "grad_accum", 1)))
-        sharded = is_sharded(self.module)
         t0 = time.time()
         bar = tqdm(total=steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=2.0,
                    disable=not self.env.is_main)
         while self.step < steps:
-            self.opt.zero_grad(set_to_none=True)
-            metrics: dict[str, float] = {}
-            total = 0.0
-            for micro in range(accum):
-                if sharded:  # reduce-scatter gradients once, after the last micro-batch
-                    self.module.set_requires_gradient_sync(micro == accum - 1)
-                with autocast(self.env, getattr(cfg, "mixed_precision", False) and not sharded):
-                    loss, m = loss_fn(self.step, micro)
-                check_finite(loss, f"loss at step {self.step}")
-                (loss / accum).backward()
-                total += loss.item() / accum
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v) / accum
-            gn = float(local_value(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)))
-            self.opt.step()
-            self.sched.step()
+            total, metrics, gn = optimizer_step(self.module, self.params, self.opt, self.sched, loss_fn, self.step, accum,
+                                                cfg.grad_clip, self.env, getattr(cfg, "mixed_precision", False), "loss")
             self.step += 1
             self.ema.update(self.module, self.step)
             bar.update(1)
@@ -171,6 +157,34 @@ class TrainLoop:
 
     def ema_module(self) -> torch.nn.Module:
         return self.ema.ema_copy(self.module)
+
+
+def optimizer_step(module, params, opt, sched, loss_fn, step: int, accum: int, grad_clip: float, env: DistEnv | None,
+                   mixed_precision: bool, what: str) -> tuple[float, dict, float]:
+    """One optimiser update over ``accum`` micro-batches: ``(mean loss, mean metrics, grad norm)``.
+
+    Shared by every trainer. A sharded module reduce-scatters its gradients once, after the last
+    micro-batch; an unsharded one on CUDA computes under bf16 autocast (FSDP's policy casts a
+    sharded one); the clip norm is the global one (DTensor gradients).
+    """
+    sharded = is_sharded(module)
+    opt.zero_grad(set_to_none=True)
+    total, metrics = 0.0, {}
+    for micro in range(accum):
+        if sharded:
+            module.set_requires_gradient_sync(micro == accum - 1)
+        with autocast(env, mixed_precision and not sharded) if env is not None else contextlib.nullcontext():
+            loss, m = loss_fn(step, micro)
+        check_finite(loss, f"{what} at step {step}")
+        (loss / accum).backward()
+        total += loss.item() / accum
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / accum
+    gn = float(local_value(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return total, metrics, gn
 
 
 def check_finite(loss: torch.Tensor, what: str) -> None:

@@ -43,7 +43,6 @@ import json
 import sys
 import time
 from contextlib import contextmanager
-from contextlib import nullcontext as _nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from anystep.flow.stage2 import (
     sample_budget_and_index,
     x0_from_velocity,
 )
-from anystep.distributed import autocast, global_mean, is_sharded, local_value, setup
+from anystep.distributed import global_mean, setup
 from anystep.train.checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -69,7 +68,7 @@ from anystep.train.checkpoint import (
     trainable_tensors,
 )
 from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
-from anystep.train.loop import RankSlice, SlicedNoise, check_finite
+from anystep.train.loop import RankSlice, SlicedNoise, optimizer_step
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
@@ -377,25 +376,9 @@ class Stage2Trainer:
 
     def _update(self, loss_fn, params, opt, sched, ema, module, tag: str) -> dict:
         cfg = self.cfg
-        sharded = is_sharded(module)
-        env = self.env
-        opt.zero_grad(set_to_none=True)
-        total, metrics = 0.0, {}
-        for micro in range(cfg.grad_accum):
-            if sharded:  # reduce-scatter once, after the last micro-batch
-                module.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with autocast(env, cfg.mixed_precision and not sharded) if env is not None else _nullcontext():
-                loss, m = loss_fn(self.step, micro)
-            check_finite(loss, f"{tag} loss at step {self.step}")
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
-        gn = float(local_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        opt.step()
-        sched.step()
+        total, metrics, gn = optimizer_step(module, params, opt, sched, loss_fn, self.step, cfg.grad_accum, cfg.grad_clip,
+                                            self.env, cfg.mixed_precision, f"{tag} loss")
         ema.update(module, self.step + 1)
-        opt.zero_grad(set_to_none=True)
         return {f"loss_{tag}": total, f"grad_norm_{tag}": gn, **metrics}
 
     def generator_step(self) -> dict:
