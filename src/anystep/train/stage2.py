@@ -40,7 +40,6 @@ same global batch. Checkpoints are DCP folders, resumable at any world size.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -234,13 +233,6 @@ class Stage2Trainer:
         from anystep.distributed import shard
 
         self.env, self.device = env, env.device
-        if env.distributed and self.cfg.mixed_precision:
-            # Known gap: under FSDP2's bf16 parameter policy the Stage-2 backward hands a bf16
-            # gradient to an fp32 shard (found with the policy forced on CPU; cause not found yet).
-            # Sharded Stage 2 therefore keeps fp32 parameters and compute.
-            if env.is_main:
-                print("anystep: note: sharded Stage 2 runs in fp32 (bf16 FSDP policy not supported yet)", file=sys.stderr)
-            self.stage1.cfg.mixed_precision = False
         self.stage1.prepare_for_training(env)
         if self.cfg.causal:  # the rollout's attention processors, for the device the student now lives on
             from anystep.rollout.flowmap import prepare_far_for_rollout
@@ -282,6 +274,12 @@ class Stage2Trainer:
             return
         flags = [(p, p.requires_grad) for p in self.teacher.parameters()]
         self.teacher.disable_adapters()
+        # peft's disable_adapters also freezes the adapters. Unfreeze them at once: switched off,
+        # they take no part in the forward, and FSDP2 reads requires_grad at its lazy init (the
+        # first forward, which is this one) to fix the gradient dtype of each group. Seeing no
+        # trainable parameter there, it would leave the critic's bf16 gradients uncast for good.
+        for p, f in flags:
+            p.requires_grad_(f)
         try:
             yield
         finally:
