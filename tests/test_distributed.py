@@ -131,17 +131,21 @@ def stage2_args(teacher, student, out, batch, **kw):
     return ["--config", "configs/toy/stage2.yaml", *[f"{k}={v}" for k, v in base.items()]]
 
 
+def stage2_student(teacher_dir, reference, tmp_path, causal: bool):
+    """(student folder, Stage-2 overrides): the reference Stage-1 student, or a 1-step causal one."""
+    if not causal:
+        return reference / "model", dict(rollout="flowmap")
+    launch(1, "stage1", *stage1_args(teacher_dir, tmp_path / "c1", 2, steps=1, causal=True,
+                                      chunk_partition=CAUSAL_PART, num_frames=4, min_chunks=2))
+    return tmp_path / "c1" / "model", dict(rollout="flowmap", causal=True, num_frames=4)
+
+
 @pytest.mark.parametrize("rollout,causal", [("flowmap", False), ("consistency", False), ("flowmap", True)])
 def test_two_ranks_reproduce_one_process_stage2(teacher_dir, reference, tmp_path, rollout, causal):
     """Generator and critic updates, the DMD scores and the co-trained Stage-1 loss, with the
     student and the teacher / critic sharded; the causal student rolls out over its KV cache."""
-    student = reference / "model"
-    kw = dict(rollout=rollout)
-    if causal:
-        launch(1, "stage1", *stage1_args(teacher_dir, tmp_path / "c1", 2, steps=1, causal=True,
-                                          chunk_partition=CAUSAL_PART, num_frames=4, min_chunks=2))
-        student = tmp_path / "c1" / "model"
-        kw.update(causal=True, num_frames=4)
+    student, kw = stage2_student(teacher_dir, reference, tmp_path, causal)
+    kw["rollout"] = rollout
     launch(1, "stage2", *stage2_args(teacher_dir, student, tmp_path / "one", 4, **kw))
     launch(2, "stage2", *stage2_args(teacher_dir, student, tmp_path / "two", 2, **kw))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -217,13 +221,7 @@ def test_bf16_policy_stage2_tracks_fp32(teacher_dir, reference, tmp_path, causal
     teacher's first forward; FSDP fixed each group's gradient dtype there and then handed bf16
     gradients to the fp32 shards, so this run used to fail in the critic's backward. bf16 compute
     moves the DMD loss by ~0.5% and the rest by ~1e-4 (measured); the bounds leave room."""
-    student = reference / "model"
-    kw = dict(rollout="flowmap")
-    if causal:
-        launch(1, "stage1", *stage1_args(teacher_dir, tmp_path / "c1", 2, steps=1, causal=True,
-                                          chunk_partition=CAUSAL_PART, num_frames=4, min_chunks=2))
-        student = tmp_path / "c1" / "model"
-        kw.update(causal=True, num_frames=4)
+    student, kw = stage2_student(teacher_dir, reference, tmp_path, causal)
     launch(1, "stage2", *stage2_args(teacher_dir, student, tmp_path / "fp32", 4, **kw))
     env = {**_env(), "ANYSTEP_FSDP_BF16_ON_CPU": "1"}
     p = subprocess.run(_cmd(2, "stage2", stage2_args(teacher_dir, student, tmp_path / "bf16", 2, **kw)), env=env,
