@@ -184,30 +184,26 @@ def _teacher_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Ten
     the pipeline's own ``encode_prompt``.
     """
     from anystep.flow.schedule import sampling_grid
+    from anystep.models.students import teacher_velocity
+    from anystep.rollout.euler import euler_sample
 
     pipe = model.pipe
     shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
+    guided = guidance > 1.0
     cond, null = pipe.encode_prompt(
         prompt=list(prompts),
         negative_prompt=[""] * len(prompts),
-        do_classifier_free_guidance=guidance > 1.0,
+        do_classifier_free_guidance=guided,
         max_sequence_length=model.max_sequence_length,
         device=noise.device,
     )
-    net = pipe.transformer
-    embeds = torch.cat([cond, null]) if guidance > 1.0 else cond
-    grid = sampling_grid(steps, shift)
-    z = noise.float()
-    for i in range(steps):
-        zz = z.permute(0, 2, 1, 3, 4).to(net.dtype)
-        zz = torch.cat([zz, zz]) if guidance > 1.0 else zz
-        t = (grid[i] * 1000).float().expand(zz.shape[0])
-        v = net(zz, t, embeds.to(net.dtype), return_dict=False)[0].float()
-        if guidance > 1.0:
-            vc, vu = v.chunk(2)
-            v = vu + guidance * (vc - vu)
-        z = z + float(grid[i + 1] - grid[i]) * v.permute(0, 2, 1, 3, 4)
-    return z
+    embeds = torch.cat([cond, null]) if guided else cond
+    grid = [float(v) for v in sampling_grid(steps, shift)]
+
+    def velocity(z, t, _r):
+        return teacher_velocity(pipe.transformer, z, t, embeds)
+
+    return euler_sample(velocity, noise.float(), grid, guidance if guided else None)
 
 
 def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Euler sampling with classifier-free guidance for a student trained by plain flow matching.
+"""Euler sampling with classifier-free guidance: the teacher's sampler, and the one of a student
+trained by plain flow matching.
 
 The flow-matching baseline of Table 2 is a velocity model: it is trained at r = t only, so it is
 sampled like the teacher -- Euler on the shifted grid with ``u_null + w (u_cond - u_null)`` at
@@ -15,12 +16,22 @@ from anystep.flow.schedule import sampling_grid
 from anystep.rollout.flowmap import CausalRolloutState, bidirectional_velocity, is_causal
 
 
-def _euler(velocity, z: torch.Tensor, grid, guidance: float) -> torch.Tensor:
+def euler_sample(velocity, z: torch.Tensor, grid, guidance: float | None) -> torch.Tensor:
+    """Euler on ``grid`` (sigmas from 1 down to 0) with the velocity ``velocity(z, t, r)`` at r = t.
+
+    With ``guidance`` the velocity sees the conditional and the null half as one batch,
+    ``[z; z]``, and the step uses ``u_null + w (u_cond - u_null)``; with ``None`` it sees ``z``
+    alone and its output is used as it is (a teacher at guidance 1 skips the null half).
+    """
     b = z.shape[0]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        u = velocity(torch.cat([z, z]), float(t), float(t)).float()
-        u_c, u_u = u[:b], u[b:]
-        z = z - (float(t) - float(t_next)) * (u_u + guidance * (u_c - u_u))
+        if guidance is None:
+            u = velocity(z, float(t), float(t)).float()
+        else:
+            both = velocity(torch.cat([z, z]), float(t), float(t)).float()
+            u_c, u_u = both[:b], both[b:]
+            u = u_u + guidance * (u_c - u_u)
+        z = z - (float(t) - float(t_next)) * u
     return z
 
 
@@ -34,13 +45,13 @@ def euler_cfg_sample(student, noise: torch.Tensor, cond: torch.Tensor, null: tor
     both = torch.cat([cond, null])
     noise = noise.float()
     if not is_causal(student):
-        return _euler(bidirectional_velocity(student, both), noise, grid, guidance)
+        return euler_sample(bidirectional_velocity(student, both), noise, grid, guidance)
     part = tuple(chunk_partition or student.config.chunk_partition)
     b = noise.shape[0]
     state = CausalRolloutState(student, both, part, (2 * b, *noise.shape[1:]))
     chunks = []
     for k in range(len(part)):
-        chunk = _euler(state.velocity, noise[:, state.chunk_slice(k)], grid, guidance)
+        chunk = euler_sample(state.velocity, noise[:, state.chunk_slice(k)], grid, guidance)
         chunks.append(chunk)
         state.commit(torch.cat([chunk, chunk]))
     return torch.cat(chunks, dim=1)
