@@ -1,5 +1,7 @@
 """MovingDigits generator, the pixel codec and the text path."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,36 @@ def test_tokenizer_and_text_encoder(tmp_path):
     assert emb.shape == (3, 8, 64)
     assert torch.all(emb[0, 6:] == 0) and torch.all(emb[2, 1:] == 0)
     assert (emb[0] - emb[1]).abs().max() > 1e-3
+
+
+class _FakeVelocity(torch.nn.Module):
+    """A stand-in for the teacher's transformer: ``pool`` -> x0 = frame mean of z / (1 - sigma)
+    (unbiased for a static clip), else a frame-by-frame map (x0 = (1 - sigma) z)."""
+
+    def __init__(self, pool: bool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, z, timestep, emb):
+        s = (timestep / 1000.0).view(-1, 1, 1, 1, 1)
+        v = (z - z.mean(dim=2, keepdim=True) / (1 - s)) / s if self.pool else z
+        return types.SimpleNamespace(sample=v)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_temporal_gain_probe(pool):
+    """The teacher's temporal probe: 0 for a frame-by-frame denoiser; for the one that averages the
+    frames of a static clip, the x0 error falls by the frame count F (noise variance 1/F), so the
+    gain is F - 1."""
+    from anystep.train.teacher import temporal_gain
+
+    n, f = 4, 7
+    x = torch.randn(n, 1, 48, 8, 8).expand(n, f, 48, 8, 8).contiguous()
+    sigma = torch.full((n,), 0.7)
+    z = (1 - 0.7) * x + 0.7 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    tok = build_word_tokenizer()
+    gain = temporal_gain(_FakeVelocity(pool), tok, build_tiny_umt5(len(tok)), x, z, sigma, ["a red one moving up"] * n)
+    if pool:
+        assert gain == pytest.approx(f - 1, rel=0.05)
+    else:
+        assert abs(gain) < 1e-6
