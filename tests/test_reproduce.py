@@ -152,3 +152,30 @@ def test_cost_measurement_reports_every_component(tmp_path):
     assert r["stage1_over_flow_matching"] == pytest.approx(sec["stage1"] / sec["flow_matching"])
     md = cost_markdown(cost)
     assert "| flowmap_s16_over_s4 |" in md and "1.00 / 1.00" in md
+
+
+def test_settings_diff_tolerates_fields_added_at_their_default():
+    """A run recorded before a config field existed behaved as its default: reusable, unless
+    the new job asks for another value (or any recorded value differs)."""
+    from dataclasses import asdict
+
+    from anystep.reproduce import settings_diff
+    from anystep.train.stage1 import Stage1Config
+
+    want = json.loads(json.dumps({"kind": "stage1", "config": asdict(Stage1Config(steps=7))}))
+    assert settings_diff(Stage1Config, want, want) == []
+    older = json.loads(json.dumps(want))
+    dropped = sorted(older["config"])[0]
+    del older["config"][dropped]
+    assert settings_diff(Stage1Config, older, want) == []
+    changed = json.loads(json.dumps(want))
+    changed["config"][dropped] = "not the default"
+    assert settings_diff(Stage1Config, older, changed) == [dropped]
+    changed = json.loads(json.dumps(want))
+    changed["config"]["steps"] = 8
+    assert settings_diff(Stage1Config, want, changed) == ["steps"]
+    # A field the record has and the class no longer knows is a difference too.
+    extra = json.loads(json.dumps(want))
+    extra["config"]["retired"] = 1
+    assert settings_diff(Stage1Config, extra, want) == ["retired"]
+    assert settings_diff(Stage1Config, {**want, "kind": "stage2"}, want) == ["kind"]

@@ -141,3 +141,28 @@ def test_temporal_gain_probe(pool):
         assert gain == pytest.approx(f - 1, rel=0.05)
     else:
         assert abs(gain) < 1e-6
+
+
+def test_teacher_lr_schedule_warmup_stable_cooldown():
+    from anystep.train.common import warmup_cooldown_lambda
+
+    # warm-up 2, total 10, cooldown 4: ramps over steps 0-1, flat, then (10 - step) / 4 from step 6.
+    f = warmup_cooldown_lambda(2, 10, 4)
+    assert [f(s) for s in range(11)] == [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0]
+    # No cooldown: the plain warm-up schedule, constant forever.
+    g = warmup_cooldown_lambda(2, 10, 0)
+    assert [g(s) for s in (0, 1, 9, 10_000)] == [0.5, 1, 1, 1]
+    # Before its cooldown starts, a longer run's schedule is the shorter constant run's schedule,
+    # which is what lets a finished constant-lr checkpoint be resumed into a cooldown.
+    h = warmup_cooldown_lambda(2, 100, 20)
+    assert [h(s) for s in range(80)] == [g(s) for s in range(80)]
+    # Driven through torch's LambdaLR, the optimiser sees the same multipliers.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [2.0 * f(s) for s in range(10)]

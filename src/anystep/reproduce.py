@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -149,6 +149,30 @@ class SettingsChanged(ValueError):
     """A finished or partial job in ``--out`` was made with different settings."""
 
 
+def settings_diff(cls, have: dict, want: dict) -> list[str]:
+    """Names of the settings in which a job record ``have`` differs from ``want``.
+
+    A field absent from ``have`` was added to ``cls`` after that run was made; the run behaved as
+    that field's default, so it only counts as a difference when ``want`` asks for another value."""
+    if have.get("kind") != want.get("kind"):
+        return ["kind"]
+    defaults = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            defaults[f.name] = f.default_factory()
+    defaults = json.loads(json.dumps(defaults))
+    old, new = have["config"], want["config"]
+    missing = object()
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        before = old[k] if k in old else defaults.get(k, missing)
+        if before != new.get(k, missing):
+            diff.append(k)
+    return diff
+
+
 def run_job(job: Job) -> Path:
     """Train one job unless its model exists; a partial run resumes from its checkpoint."""
     from anystep.config import build_config_from_dict
@@ -161,9 +185,8 @@ def run_job(job: Job) -> Path:
     want = json.loads(json.dumps({"kind": job.kind, "config": asdict(cfg)}))
     if record.exists():
         have = json.loads(record.read_text())
-        if have != want:
-            diff = sorted(k for k in set(have["config"]) | set(want["config"])
-                          if have["config"].get(k) != want["config"].get(k))
+        diff = settings_diff(cls, have, want)
+        if diff:
             raise SettingsChanged(f"{d} was made with different settings ({', '.join(diff[:5])}); use a fresh --out")
     if (d / "model" / "model_index.json").exists() and record.exists():
         return d / "model"

@@ -53,6 +53,22 @@ def warmup_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
 
+def warmup_cooldown_lambda(warmup: int, total: int, cooldown: int):
+    """Learning-rate multiplier: linear warm-up, constant, then a linear decay to zero over the
+    last ``cooldown`` of ``total`` steps (warm-up / stable / decay). The multiplier is a function
+    of the step alone, so a run resumed with a longer ``total`` is the run that had that total
+    from the start, as long as its cooldown had not begun."""
+    warm = warmup_lambda(warmup)
+    start = total - cooldown
+
+    def factor(step: int) -> float:
+        if cooldown <= 0 or step < start:
+            return warm(step)
+        return min(warm(step), max(0.0, (total - step) / cooldown))
+
+    return factor
+
+
 def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
     """Write through ``write(file_object)`` to a temporary file in the same folder, fsync, then
     rename: a reader (or a crash) never sees a half-written file."""

@@ -22,7 +22,7 @@ from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 from anystep.models.codec import fit_codec
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
 from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_lambda
+from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_cooldown_lambda
 
 
 @dataclass
@@ -34,6 +34,8 @@ class TeacherConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     warmup: int = 200
+    # Linear decay of the learning rate to zero over the last `cooldown` steps (0: constant).
+    cooldown: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_start: int = 500
@@ -160,7 +162,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         params.append({"params": list(text_encoder.parameters()), "lr": cfg.lr * cfg.text_lr_mult})
     trainable = [p for g in params for p in g["params"]]
     opt = torch.optim.AdamW(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cooldown_lambda(cfg.warmup, cfg.steps, cfg.cooldown))
     ema = EMA(model, cfg.ema_decay, cfg.ema_start)
     ema_text = EMA(text_encoder, cfg.ema_decay, cfg.ema_start) if cfg.train_text_encoder else None
 
