@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anystep.cli import main
@@ -98,6 +99,17 @@ def test_eval_rejects_zero_steps(teacher_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(teacher_dir), "--steps", "1,0", "--out", str(tmp_path / "ev")]) == 2
     assert "--steps must be >= 1" in _err(capsys)
     assert not (tmp_path / "ev").exists()
+
+
+def test_eval_honours_num_frames(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "ev13"
+    assert main(["eval", "--model", str(teacher_dir), "--steps", "1", "--n-prompts", "2", "--num-frames", "13",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "toybench.json").read_text())["num_frames"] == 13
+    assert np.load(out / "samples_1.npy").shape[1] == 13
+    assert main(["eval", "--model", str(teacher_dir), "--steps", "1", "--height", "64", "--out", str(tmp_path / "e")]) == 2
+    assert "vbench only" in _err(capsys)
+    assert not (tmp_path / "e").exists()
 
 
 def test_train_dry_run_and_bad_override(tmp_path, capsys):

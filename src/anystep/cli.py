@@ -175,6 +175,10 @@ def cmd_eval(args) -> int:
 
     steps = _steps_list(args.steps)
     model = _load(args.model)
+    if (args.height, args.width) != (32, 32):
+        raise UserError("eval toybench scores the 32x32 toy world; --height/--width apply to vbench only")
+    if args.num_frames is not None:
+        _check_frames(model, args.num_frames, args.height, args.width)
     del model  # validated; run_toybench loads it itself
     domain = {}
     for key in ("colors", "directions"):
@@ -182,7 +186,8 @@ def cmd_eval(args) -> int:
         if value:
             domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
     try:
-        result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts, **domain)
+        result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
+                              num_frames=args.num_frames, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
@@ -256,6 +261,13 @@ def _check_stage2(cfg) -> None:
         raise UserError(f"{cfg.teacher}: the Stage-2 teacher must be a Wan teacher folder, got a {teacher.kind!r} folder")
 
 
+def _check_teacher_train(cfg) -> None:
+    if cfg.init and not Path(cfg.init).is_file():
+        raise UserError(f"init={cfg.init}: no teacher checkpoint there (a checkpoint.pt of `anystep train teacher`)")
+    if cfg.long_frac and cfg.long_num_frames <= 0:
+        raise UserError(f"long_frac={cfg.long_frac} needs long_num_frames > 0")
+
+
 def _training_methods() -> dict:
     """method -> (config class, train function, pre-flight check, what it writes)."""
     from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
@@ -264,7 +276,7 @@ def _training_methods() -> dict:
     from anystep.train.teacher import TeacherConfig, train_teacher
 
     return {
-        "teacher": (TeacherConfig, train_teacher, None, "teacher"),
+        "teacher": (TeacherConfig, train_teacher, _check_teacher_train, "teacher"),
         "stage1": (Stage1Config, train_stage1, _check_stage1, "stage-1 model"),
         "stage2": (Stage2Config, train_stage2, _check_stage2, "stage-2 model"),
         "consistency_init": (ConsistencyInitConfig, train_consistency_init, _check_teacher_only, "consistency ODE-init model"),
