@@ -166,3 +166,44 @@ def test_teacher_lr_schedule_warmup_stable_cooldown():
         opt.step()
         sched.step()
     assert seen == [2.0 * f(s) for s in range(10)]
+
+
+def test_teacher_clip_length_mix_is_a_function_of_the_step():
+    from anystep.train.teacher import TeacherConfig, clip_length
+
+    cfg = TeacherConfig(num_frames=7, long_num_frames=13, long_frac=0.3, seed=4)
+    lengths = [clip_length(cfg, s) for s in range(2000)]
+    assert set(lengths) == {7, 13}
+    assert abs(lengths.count(13) / len(lengths) - 0.3) < 0.05
+    assert lengths == [clip_length(cfg, s) for s in range(2000)]  # a resumed run replays the same lengths
+    assert {clip_length(TeacherConfig(num_frames=7), s) for s in range(50)} == {7}
+
+
+def test_teacher_fine_tune_starts_from_init_and_trains_on_long_clips(tmp_path, monkeypatch):
+    """init= loads the weights (a zero learning rate leaves them untouched) and long_frac=1 feeds
+    every step long clips."""
+    from conftest import make_tiny_teacher
+
+    from anystep.data import moving_digits as md
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    make_tiny_teacher(tmp_path / "a", steps=2)
+    seen = []
+    real_batch = md.MovingDigits.batch
+
+    def spy(self, idx):
+        videos, prompts = real_batch(self, idx)
+        seen.append(videos.shape[1])
+        return videos, prompts
+
+    monkeypatch.setattr(md.MovingDigits, "batch", spy)
+    train_teacher(TeacherConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "checkpoint.pt"), steps=2,
+                                batch_size=2, lr=0.0, long_num_frames=13, long_frac=1.0, probe_every=1000,
+                                ckpt_every=1000))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert b["step"] == 2
+    # The two training batches are long; the codec fit and the end-of-run probe read 7-frame clips.
+    assert seen.count(13) == 2 and seen[0] == 7

@@ -48,6 +48,14 @@ class TeacherConfig:
     train_text_encoder: bool = True
     text_lr_mult: float = 1.0
     num_frames: int = 7
+    # A share of the steps trains on longer clips, so the teacher that scores causal students'
+    # 13-frame rollouts (DMD's real score, the FAR fine-tune's target) has seen that length.
+    # Each step's length is a function of (seed, step) alone, so a resumed run replays it.
+    long_num_frames: int = 0
+    long_frac: float = 0.0
+    # A fine-tuning phase: start model, text encoder and their EMAs from this teacher checkpoint
+    # with a fresh optimiser and schedule (the step counter restarts at 0).
+    init: str = ""
     seed: int = 0
     log_every: int = 25
     probe_every: int = 250
@@ -140,6 +148,14 @@ def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float =
     return save_teacher_folder(dest, model.eval(), text_encoder.eval(), tokenizer, codec, shift=shift)
 
 
+def clip_length(cfg: TeacherConfig, step: int) -> int:
+    """Frames in the training batch of ``step``: ``long_num_frames`` with probability ``long_frac``."""
+    if cfg.long_num_frames <= 0 or cfg.long_frac <= 0:
+        return cfg.num_frames
+    u = np.random.default_rng([cfg.seed, step, 0x5EED]).random()
+    return cfg.long_num_frames if u < cfg.long_frac else cfg.num_frames
+
+
 def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -147,6 +163,11 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     world = WorldConfig(num_frames=cfg.num_frames)
     data = MovingDigits("train", world, seed=cfg.seed)
+    long_data = None
+    if cfg.long_num_frames > 0 and cfg.long_frac > 0:
+        long_world = WorldConfig(num_frames=cfg.long_num_frames)
+        long_world.validate()
+        long_data = MovingDigits("train", long_world, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # Codec statistics from a fixed sample of training clips.
@@ -168,6 +189,15 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
     step = 0
     ckpt_path = out / "checkpoint.pt"
+    if cfg.init and not ckpt_path.exists():
+        init = torch.load(cfg.init, weights_only=False)
+        model.load_state_dict(init["model"])
+        text_encoder.load_state_dict(init["text_encoder"])
+        ema.load_state_dict(init["ema"])
+        ema.start = cfg.ema_start
+        if ema_text is not None and init.get("ema_text"):
+            ema_text.load_state_dict(init["ema_text"])
+            ema_text.start = cfg.ema_start
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -202,7 +232,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True)
     while step < cfg.steps:
         idx = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        videos, prompts = data.batch(idx)
+        src = long_data if clip_length(cfg, step) != cfg.num_frames else data
+        videos, prompts = src.batch(idx)
         drop = torch.rand(len(prompts)) < cfg.null_prob
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         x = _latents(codec, videos)
