@@ -87,6 +87,8 @@ def test_pipeline_writes_every_artefact(tiny_run):
         methods = on_disk["architectures"][arch]["methods"]
         assert set(methods) == {"flow_matching", "consistency", "flowmap_consistency", "stage1", "anyflow"}
         assert methods["anyflow"]["sweep"]["4"]["nfe"] == 4
+    ref = on_disk["architectures"]["causal"]["teacher_reference"]
+    assert ref["num_frames"] == 13 and ref["nfe"] == 100 and len(ref["per_clip"]["total"]) == 3
     assert on_disk["architectures"]["bidirectional"]["methods"]["flow_matching"]["sweep"]["2"]["nfe"] == 4
     assert any("job 1/" in line for line in logs) and any("ToyBench" in line for line in logs)
     # Consistency rows are served by the consistency sampler, the causal flow-matching row by Euler + CFG.
@@ -123,6 +125,29 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
     with pytest.raises(rp.SettingsChanged, match="different settings"):
         rp.reproduce(out, quick=True, teacher=teacher, budget=replace(budget, stage1=3), measure_cost=False,
                      progress=lambda m: None)
+    # Same path, other bytes: a retrained teacher must not be served the old students.
+    marker = teacher / "retrained.txt"
+    marker.write_text("new weights")
+    try:
+        with pytest.raises(rp.SettingsChanged, match="teacher weights"):
+            rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
+    finally:
+        marker.unlink()
+
+
+def test_folder_digest_sees_names_and_bytes(tmp_path):
+    from anystep.reproduce import folder_digest
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.bin").write_bytes(b"123")
+    base = folder_digest(tmp_path)
+    assert folder_digest(tmp_path) == base
+    (tmp_path / "a" / "w.bin").write_bytes(b"124")
+    assert folder_digest(tmp_path) != base
+    (tmp_path / "a" / "w.bin").write_bytes(b"123")
+    assert folder_digest(tmp_path) == base
+    (tmp_path / "a" / "w.bin").rename(tmp_path / "a" / "v.bin")
+    assert folder_digest(tmp_path) != base
 
 
 def test_cli_reproduce_bad_input(tmp_path, capsys):
@@ -179,3 +204,19 @@ def test_settings_diff_tolerates_fields_added_at_their_default():
     extra["config"]["retired"] = 1
     assert settings_diff(Stage1Config, extra, want) == ["retired"]
     assert settings_diff(Stage1Config, {**want, "kind": "stage2"}, want) == ["kind"]
+
+
+def test_causal_students_are_held_against_the_teacher_on_their_own_clip_length():
+    """An architecture with its own teacher reference (the causal one: 13-frame clips) is checked
+    against that row; the others keep the shared teacher row."""
+    res = _synthetic()
+    causal_anyflow = {"label": "AnyFlow", "sweep": {"4": _row(4, 4, [50, 50, 52, 52]), "32": _row(32, 32, [50, 50, 52, 52])}}
+    res["architectures"]["causal"] = {"methods": {"anyflow": causal_anyflow},
+                                      "teacher_reference": {**_row(50, 100, [40, 40, 40, 40]), "num_frames": 13}}
+    t3 = table3(res, n_boot=500)
+    assert t3["teacher 50x2, causal clips (13 frames)"]["Total"]["mean"] == 40.0
+    assert t3["teacher 50x2"]["Total"]["mean"] == 80.0
+    verdicts = {c["claim"]: c["verdict"] for c in claims(res)}
+    assert verdicts["causal: AnyFlow at 4 NFE matches the teacher at 50x2 (Total >=)"] == "holds (intervals separate)"
+    assert verdicts["bidirectional: AnyFlow at 4 NFE matches the teacher at 50x2 (Total >=)"].startswith("does not hold")
+    assert "| teacher 50x2, causal clips (13 frames) | 100 |" in report_markdown(res, n_boot=500)

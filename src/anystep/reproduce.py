@@ -25,6 +25,7 @@ fresh ``--out``), so numbers from two settings are never mixed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -173,6 +174,19 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
     return diff
 
 
+def folder_digest(folder) -> str:
+    """sha256 over a model folder's files (relative names and bytes): identifies the weights a
+    job was trained from, where the path alone would not notice a retrained teacher."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def run_job(job: Job) -> Path:
     """Train one job unless its model exists; a partial run resumes from its checkpoint."""
     from anystep.config import build_config_from_dict
@@ -183,9 +197,13 @@ def run_job(job: Job) -> Path:
     cfg = build_config_from_dict(cls, job.config)
     record = d / "reproduce_job.json"
     want = json.loads(json.dumps({"kind": job.kind, "config": asdict(cfg)}))
+    want["teacher_sha256"] = folder_digest(cfg.teacher)
     if record.exists():
         have = json.loads(record.read_text())
         diff = settings_diff(cls, have, want)
+        # Records written before the digest existed cannot tell; they are trusted.
+        if have.get("teacher_sha256", want["teacher_sha256"]) != want["teacher_sha256"]:
+            diff.insert(0, f"teacher weights in {cfg.teacher}")
         if diff:
             raise SettingsChanged(f"{d} was made with different settings ({', '.join(diff[:5])}); use a fresh --out")
     if (d / "model" / "model_index.json").exists() and record.exists():
@@ -195,10 +213,11 @@ def run_job(job: Job) -> Path:
     return train(cfg)
 
 
-def _eval(folder: str, steps, out_dir: Path, n_prompts: int) -> dict:
+def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None) -> dict:
     from anystep.eval.toybench import run_toybench
 
-    return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4)
+    return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
+                        num_frames=num_frames)
 
 
 def _samples_figure(results: dict, out: Path) -> None:
@@ -313,6 +332,15 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
                 "sweep": {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()},
             }
         results["architectures"][arch] = {"methods": methods}
+        if arch == "causal":
+            # The causal students make 13-frame clips; their ceiling is the teacher at that length.
+            from anystep.report import TEACHER_REFERENCE_STEPS
+
+            say(f"ToyBench: the teacher on 13-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")
+            res = _eval(str(teacher), (TEACHER_REFERENCE_STEPS,), out / "eval" / arch / "teacher_13f", budget.n_prompts,
+                        num_frames=13)
+            row = res["results"][str(TEACHER_REFERENCE_STEPS)]
+            results["architectures"][arch]["teacher_reference"] = {k: v for k, v in row.items() if k != "per_clip_total"} | {"num_frames": 13}
 
     cost_path = out / "cost.json"
     if measure_cost:
