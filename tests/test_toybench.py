@@ -103,6 +103,13 @@ def test_wrong_direction_fails_direction_accuracy():
         assert clip_scores(clip.video, clip.prompt, WORLD)["direction_accuracy"] == 1.0
         assert clip_scores(reverse, clip.prompt, WORLD)["direction_accuracy"] == 0.0
         assert clip_scores(reverse, make_prompt("blue", 5, opposite), WORLD)["direction_accuracy"] == 1.0
+        # The reversed clip still moves along the prompt's axis; a perpendicular prompt does not,
+        # and neither does a still frame repeated.
+        assert clip_scores(reverse, clip.prompt, WORLD)["direction_axis_accuracy"] == 1.0
+        across = "up" if direction == "left" else "left"
+        assert clip_scores(clip.video, make_prompt("blue", 5, across), WORLD)["direction_axis_accuracy"] == 0.0
+        still = np.repeat(clip.video[:1], len(clip.video), axis=0)
+        assert clip_scores(still, clip.prompt, WORLD)["direction_axis_accuracy"] == 0.0
 
 
 def test_static_clip_has_low_dynamic_degree():

@@ -230,12 +230,13 @@ def _eval_vbench(args) -> int:
 def _print_table(result: dict) -> None:
     rows = sorted(result.get("results", {}).values(), key=lambda r: r["steps"])
     print(f"\nToyBench  {result.get('model_folder', '')}")
-    print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'FD':>8}")
+    print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'axis':>6} {'FD':>8}")
     for r in rows:
         print(
             f"{r['steps']:>5} {r['nfe']:>5} {r['Quality']:>8.2f} {r['Semantic']:>9.2f} {r['Total']:>7.2f} "
             f"{r.get('digit_accuracy', float('nan')):>6.1f} {r.get('color_accuracy', float('nan')):>6.1f} "
-            f"{r.get('direction_accuracy', float('nan')):>6.1f} {r.get('frechet', float('nan')):>8.2f}"
+            f"{r.get('direction_accuracy', float('nan')):>6.1f} {r.get('direction_axis_accuracy', float('nan')):>6.1f} "
+            f"{r.get('frechet', float('nan')):>8.2f}"
         )
 
 

@@ -90,6 +90,10 @@ QUALITY_KEYS = (
     "dynamic_degree",
 )
 SUB_KEYS = SEMANTIC_KEYS + QUALITY_KEYS
+# Reported beside the sub-scores, outside Quality / Semantic / Total: the motion lies along the
+# prompt's axis, either way. Far above direction_accuracy means the model moves the subject along
+# the right line but does not know which end of the clip comes first.
+DIAGNOSTIC_KEYS = ("direction_axis_accuracy",)
 QUALITY_WEIGHT = 0.8
 SEMANTIC_WEIGHT = 0.2
 
@@ -288,6 +292,9 @@ def clip_scores(video, prompt: str, world: WorldConfig | None = None, analysis: 
         ),
         **a["quality"],
     }
+    moved = dist >= MIN_DISPLACEMENT * world.travel
+    s["direction_axis_accuracy"] = float(moved and direction in (_nearest_direction(a["displacement"]),
+                                                                 _nearest_direction(-a["displacement"])))
     s["semantic"] = 100.0 * float(np.mean([s[k] for k in SEMANTIC_KEYS]))
     s["quality"] = 100.0 * float(np.mean([s[k] for k in QUALITY_KEYS]))
     s["total"] = QUALITY_WEIGHT * s["quality"] + SEMANTIC_WEIGHT * s["semantic"]
@@ -370,18 +377,18 @@ def score_videos(videos, prompts: list[str], world: WorldConfig | None = None) -
         raise ValueError(f"videos must be (B, F, 3, H, W), got {videos.shape}")
     if videos.shape[-1] != world.canvas or videos.shape[-2] != world.canvas:
         raise ValueError(f"videos are {videos.shape[-2]}x{videos.shape[-1]}, the world canvas is {world.canvas}")
-    per_clip: dict[str, list[float]] = {k: [] for k in SUB_KEYS + ("quality", "semantic", "total")}
+    per_clip: dict[str, list[float]] = {k: [] for k in SUB_KEYS + DIAGNOSTIC_KEYS + ("quality", "semantic", "total")}
     feats = []
     for v, p in zip(videos, prompts):
         a = analyse_clip(v, world)
         feats.append(a["features"])
         s = clip_scores(v, p, world, analysis=a)
-        for k in SUB_KEYS:
+        for k in SUB_KEYS + DIAGNOSTIC_KEYS:
             per_clip[k].append(100.0 * s[k])
         for k in ("quality", "semantic", "total"):
             per_clip[k].append(s[k])
     out: dict = {"n": len(prompts)}
-    for k in SUB_KEYS:
+    for k in SUB_KEYS + DIAGNOSTIC_KEYS:
         out[k] = float(np.mean(per_clip[k]))
     out["Quality"] = float(np.mean(per_clip["quality"]))
     out["Semantic"] = float(np.mean(per_clip["semantic"]))
