@@ -133,6 +133,17 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
             rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
     finally:
         marker.unlink()
+    # A record from before the digest existed cannot vouch for the weights either.
+    record = out / "bidirectional" / "stage1" / "reproduce_job.json"
+    kept = record.read_text()
+    rec = json.loads(kept)
+    del rec["teacher_sha256"]
+    record.write_text(json.dumps(rec))
+    try:
+        with pytest.raises(rp.SettingsChanged, match="teacher weights"):
+            rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
+    finally:
+        record.write_text(kept)
 
 
 def test_folder_digest_sees_names_and_bytes(tmp_path):

@@ -201,11 +201,12 @@ def run_job(job: Job) -> Path:
     if record.exists():
         have = json.loads(record.read_text())
         diff = settings_diff(cls, have, want)
-        # Records written before the digest existed cannot tell; they are trusted.
-        if have.get("teacher_sha256", want["teacher_sha256"]) != want["teacher_sha256"]:
+        # A record written before the digest existed cannot vouch for the weights; the shipped
+        # teacher has been retrained since, so it is refused rather than silently reused.
+        if have.get("teacher_sha256") != want["teacher_sha256"]:
             diff.insert(0, f"teacher weights in {cfg.teacher}")
         if diff:
-            raise SettingsChanged(f"{d} was made with different settings ({', '.join(diff[:5])}); use a fresh --out")
+            raise SettingsChanged(f"{d} was made with different settings ({', '.join(diff[:5])}); use a fresh --out or delete the old one")
     if (d / "model" / "model_index.json").exists() and record.exists():
         return d / "model"
     d.mkdir(parents=True, exist_ok=True)
