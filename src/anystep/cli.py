@@ -175,8 +175,11 @@ def cmd_eval(args) -> int:
 
     steps = _steps_list(args.steps)
     model = _load(args.model)
-    if (args.height, args.width) != (32, 32):
-        raise UserError("eval toybench scores the 32x32 toy world; --height/--width apply to vbench only")
+    from anystep.data.moving_digits import WorldConfig
+
+    canvas = WorldConfig().canvas
+    if (args.height, args.width) != (canvas, canvas):
+        raise UserError(f"eval toybench scores the {canvas}x{canvas} toy world; --height/--width apply to vbench only")
     if args.num_frames is not None:
         _check_frames(model, args.num_frames, args.height, args.width)
     del model  # validated; run_toybench loads it itself

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = ROOT / "models" / "toy-teacher"
 TOY_CONFIGS = ROOT / "configs" / "toy"
 CAUSAL_PARTITION = (1, 3, 3, 3, 3)
+CAUSAL_FRAMES = sum(CAUSAL_PARTITION)  # the codec keeps the frame count: one latent frame per frame
 STUDENT_STEPS = (1, 2, 4, 8, 16, 32)
 GUIDED_STEPS = (1, 2, 4, 8, 16, 32, 50)  # NFE 2..100: Table 2 at 4/32 NFE, Table 3 at 50x2
 SAMPLE_STEPS = (1, 4, 16, 32)
@@ -107,7 +108,7 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
         causal = arch == "causal"
         frac = budget.causal_frac if causal else 1.0
         n = lambda k: max(1, int(round(k * frac)))  # noqa: E731
-        geo = dict(num_frames=13, causal=True) if causal else dict(num_frames=7, causal=False)
+        geo = dict(num_frames=CAUSAL_FRAMES, causal=True) if causal else dict(num_frames=7, causal=False)
         part = dict(chunk_partition=list(CAUSAL_PARTITION)) if causal else {}
         r: dict = {}
         if causal:
@@ -334,14 +335,14 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             }
         results["architectures"][arch] = {"methods": methods}
         if arch == "causal":
-            # The causal students make 13-frame clips; their ceiling is the teacher at that length.
+            # The causal students make CAUSAL_FRAMES-frame clips; their ceiling is the teacher at that length.
             from anystep.report import TEACHER_REFERENCE_STEPS
 
-            say(f"ToyBench: the teacher on 13-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")
+            say(f"ToyBench: the teacher on {CAUSAL_FRAMES}-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")
             res = _eval(str(teacher), (TEACHER_REFERENCE_STEPS,), out / "eval" / arch / "teacher_13f", budget.n_prompts,
-                        num_frames=13)
+                        num_frames=CAUSAL_FRAMES)
             row = res["results"][str(TEACHER_REFERENCE_STEPS)]
-            results["architectures"][arch]["teacher_reference"] = {k: v for k, v in row.items() if k != "per_clip_total"} | {"num_frames": 13}
+            results["architectures"][arch]["teacher_reference"] = {k: v for k, v in row.items() if k != "per_clip_total"} | {"num_frames": CAUSAL_FRAMES}
 
     cost_path = out / "cost.json"
     if measure_cost:
