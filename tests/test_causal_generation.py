@@ -32,6 +32,20 @@ def test_text_to_video_matches_the_pipeline(far):
     assert seen == [(0, 1), (1, 4), (2, 7)]  # one call per finished chunk, the clip growing
 
 
+@pytest.mark.parametrize("sampler", ["euler_cfg", "consistency"])
+def test_each_sampler_matches_the_whole_clip_sampler(far, sampler):
+    """A FAR student trained by flow matching (Euler + CFG) or as a consistency baseline is sampled
+    chunk by chunk with its own sampler: the same clip as ``anystep.sampling.generate_latents``."""
+    import dataclasses
+
+    model = dataclasses.replace(far, sampler=sampler)
+    ours = generate_causal(model, PROMPTS, steps=3, seed=4)
+    ref = generate_latents(model, PROMPTS, steps=3, seed=4)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    flowmap = generate_causal(far, PROMPTS, steps=3, seed=4)
+    assert not torch.allclose(ours, flowmap, atol=1e-3)  # the sampler really changed
+
+
 def test_image_and_video_conditioning_match_the_pipeline(far):
     clip = torch.from_numpy(MovingDigits("heldout").clip_for("red", 1, "left", seed=0).video)  # (7, 3, 32, 32)
     for frames, n_ctx in ((clip[:1], 1), (clip[:5], 4)):  # I2V: first chunk; V2V: 5 frames cover chunks 0-1
@@ -85,3 +99,19 @@ def test_conditioning_bad_input(far, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == len(bad) and all(e.startswith("anystep: error:") for e in err)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_toybench_image_to_video_keeps_each_real_first_frame(far, tmp_path):
+    """ToyBench I2V: every clip starts from the first frame of its own prompt's held-out real clip,
+    and the record says so; a context that does not end a chunk is refused."""
+    from anystep.data.moving_digits import WorldConfig
+    from anystep.eval.toybench import real_clips_for, run_toybench, toybench_prompts
+
+    res = run_toybench(far.folder, steps=(2,), out_dir=tmp_path / "i2v", n_prompts=4, n_show=4, context_frames=1)
+    assert res["context_frames"] == 1
+    shown = np.load(tmp_path / "i2v" / "samples_2.npy").astype(np.float32)
+    real = real_clips_for(toybench_prompts(4, WorldConfig(num_frames=7)), WorldConfig(num_frames=7))
+    assert np.abs(shown[:, 0] - real[:, 0]).max() < 1e-2  # float16 storage
+    assert np.abs(shown[:, 1:] - real[:, 1:]).max() > 0.5  # the rest is generated
+    with pytest.raises(ValueError, match=r"use one of \[1, 4\]"):
+        run_toybench(far.folder, steps=(2,), out_dir=tmp_path / "bad", n_prompts=4, context_frames=2)

@@ -6,6 +6,10 @@ I2V; the first frames of a clip: V2V) are encoded with the folder's codec and st
 first whole chunks; generation continues after them, exactly as diffusers' ``AnyFlowFARPipeline``
 does with ``video_latents`` (flow-map Euler on the shifted grid, ``steps`` jumps a chunk, the
 cache re-encoded at t = r = 0 after every chunk). Tests check both paths give the same clip.
+
+Each chunk is sampled with the folder's own sampler, as :func:`anystep.sampling.generate` does for
+a whole clip: flow-map jumps (AnyFlow), Euler with classifier-free guidance at r = t (a FAR student
+trained by plain flow matching), or denoise-to-x0 and re-noise (the consistency baselines).
 """
 
 from __future__ import annotations
@@ -67,15 +71,17 @@ def context_latents(model, frames: torch.Tensor, height: int, width: int) -> tor
 @torch.no_grad()
 def generate_causal(model, prompts: list[str], steps: int, seed: int = 0, num_frames: int = 7, height: int = 32,
                     width: int = 32, context: torch.Tensor | None = None,
-                    on_chunk: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
+                    guidance_scale: float | None = None) -> torch.Tensor:
     """Normalised latents (B, F, C, h, w) of a FAR model's clip, chunk by chunk.
 
     ``context`` (1 or B, f, C, h, w) fixes the first whole chunks; ``on_chunk(k, latents_so_far)``
     is called after every chunk. The initial noise is the one :func:`anystep.sampling.generate_latents`
-    draws (clip i from seed ``seed + i``)."""
+    draws (clip i from seed ``seed + i``). ``guidance_scale`` applies to a student sampled with
+    Euler + CFG (default 4.0); flow-map students are guidance-fused and take none."""
     from anystep.models.text import encode_prompts
     from anystep.rollout.flowmap import CausalRolloutState
-    from anystep.sampling import initial_noise
+    from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, initial_noise
 
     if model.kind != "anyflow_far":
         raise ConditioningError(f"chunk-by-chunk generation needs an AnyFlow-FAR folder, got a {model.kind!r} folder")
@@ -89,25 +95,50 @@ def generate_causal(model, prompts: list[str], steps: int, seed: int = 0, num_fr
     noise = initial_noise(shape, len(prompts), seed)
     cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, list(prompts), model.max_sequence_length)
     shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
-    grid = [float(v) for v in sampling_grid(steps, shift)]
     n_ctx = 0
     if context is not None:
         context = context.expand(len(prompts), *context.shape[1:]).float()
         while n_ctx < len(part) and sum(part[: n_ctx + 1]) <= context.shape[1]:
             n_ctx += 1
-    state = CausalRolloutState(model.transformer, cond, part, tuple(noise.shape))
+    guided = model.sampler == "euler_cfg"
+    if guided:
+        # The conditional and the null half run as one batch and share every committed chunk.
+        null = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), model.max_sequence_length)
+        cond = torch.cat([cond, null])
+    state = CausalRolloutState(model.transformer, cond, part, (cond.shape[0], *noise.shape[1:]))
+    g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    sample_chunk = _chunk_sampler(model.sampler, state, steps, shift, seed, g)
     chunks = []
     for k in range(len(part)):
         sl = state.chunk_slice(k)
-        if k < n_ctx:
-            z = context[:, sl]
-        else:
-            z = noise[:, sl].float()
-            for t, r in zip(grid[:-1], grid[1:]):
-                if t != r:
-                    z = z - (t - r) * state.velocity(z, t, r).float()
+        z = context[:, sl] if k < n_ctx else sample_chunk(noise[:, sl].float())
         chunks.append(z)
-        state.commit(z)
+        state.commit(torch.cat([z, z]) if guided else z)
         if on_chunk is not None:
             on_chunk(k, torch.cat(chunks, dim=1))
     return torch.cat(chunks, dim=1)
+
+
+def _chunk_sampler(sampler: str, state, steps: int, shift: float, seed: int, guidance: float):
+    """``z_noise -> z_clean`` for the current chunk of ``state`` with the folder's sampler."""
+    if sampler == "euler_cfg":
+        from anystep.rollout.euler import euler_sample
+
+        grid = [float(v) for v in sampling_grid(steps, shift)]
+        return lambda z: euler_sample(state.velocity, z, grid, guidance)
+    if sampler == "consistency":
+        from anystep.rollout.consistency import consistency_grid, consistency_steps
+
+        grid = consistency_grid(steps, shift)
+        # One re-noising stream over the chunks, drawn in the order the whole-clip sampler draws it.
+        gen = torch.Generator().manual_seed(int(seed))
+        return lambda z: consistency_steps(state.velocity, z, grid, len(grid) - 1, gen)[-1]
+    grid = [float(v) for v in sampling_grid(steps, shift)]
+
+    def flowmap(z):
+        for t, r in zip(grid[:-1], grid[1:]):
+            if t != r:
+                z = z - (t - r) * state.velocity(z, t, r).float()
+        return z
+
+    return flowmap

@@ -128,7 +128,7 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
     from anystep.io import write_mp4
     from anystep.sampling import latents_to_video
 
-    if args.guidance_scale not in (None, 1.0):
+    if args.guidance_scale not in (None, 1.0) and model.sampler != "euler_cfg":
         raise UserError("AnyFlow-FAR students are guidance-fused: --guidance-scale is not used with them")
     ctx = None
     if args.image or args.video:
@@ -144,7 +144,8 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
     for i in range(0, len(prompts), args.batch_size):
         chunk = prompts[i : i + args.batch_size]
         lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
-                              width=args.width, context=ctx, on_chunk=on_chunk)
+                              width=args.width, context=ctx, on_chunk=on_chunk,
+                              guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
         videos.append(latents_to_video(model, lat))
     return torch.cat(videos)
 
@@ -190,7 +191,7 @@ def cmd_eval(args) -> int:
             domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
     try:
         result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
-                              num_frames=args.num_frames, **domain)
+                              num_frames=args.num_frames, context_frames=args.context_frames, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
@@ -232,7 +233,9 @@ def _eval_vbench(args) -> int:
 
 def _print_table(result: dict) -> None:
     rows = sorted(result.get("results", {}).values(), key=lambda r: r["steps"])
-    print(f"\nToyBench  {result.get('model_folder', '')}")
+    ctx = result.get("context_frames", 0)
+    given = f"  (first {ctx} frame(s) of each real clip given)" if ctx else ""
+    print(f"\nToyBench  {result.get('model_folder', '')}{given}")
     print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'axis':>6} {'FD':>8}")
     for r in rows:
         print(
@@ -437,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", default=None, help="vbench: prompt file (names the videos)")
     e.add_argument("--augmented", default=None, help="vbench: augmented prompts, line by line, fed to the model")
     e.add_argument("--num-frames", type=int, default=None)
+    e.add_argument("--context-frames", type=int, default=0,
+                   help="toybench, FAR models: continue the first N frames of each prompt's real clip (1 = image-to-video)")
     e.add_argument("--height", type=int, default=32)
     e.add_argument("--width", type=int, default=32)
     e.set_defaults(func=cmd_eval)

@@ -489,9 +489,12 @@ def plot_toybench(result: dict, path) -> None:
     fig.savefig(str(path))
 
 
-def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames: int, batch_size: int) -> np.ndarray:
+def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames: int, batch_size: int,
+                  context: torch.Tensor | None = None) -> np.ndarray:
     from anystep.sampling import generate
 
+    if context is not None:
+        return _generate_conditioned(model, prompts, steps, num_frames, batch_size, context)
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
@@ -503,6 +506,47 @@ def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames:
             for t, sd in zip(texts, seeds):
                 out.append(_as_numpy(generate(model, [t], steps, seed=sd, num_frames=num_frames)))
     return np.concatenate(out)
+
+
+def _generate_conditioned(model, prompts, steps: int, num_frames: int, batch_size: int, context: torch.Tensor) -> np.ndarray:
+    """FAR models continuing given first chunks: clip i from its own context row and seed."""
+    import torch
+
+    from anystep.causal_generation import generate_causal
+    from anystep.sampling import latents_to_video
+
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
+        ctx = context[s : s + len(chunk)]
+        if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+            lat = generate_causal(model, texts, steps, seed=seeds[0], num_frames=num_frames, context=ctx)
+        else:
+            lat = torch.cat([generate_causal(model, [t], steps, seed=sd, num_frames=num_frames, context=ctx[i : i + 1])
+                             for i, (t, sd) in enumerate(zip(texts, seeds))])
+        out.append(_as_numpy(latents_to_video(model, lat)))
+    return np.concatenate(out)
+
+
+def real_context(model, real: np.ndarray, context_frames: int) -> torch.Tensor:
+    """Latents of the first ``context_frames`` frames of each real clip (B, f, C, h, w), for
+    image-to-video (1 frame) or video-to-video ToyBench. They must end on a chunk boundary of the
+    model's partition and leave at least one chunk to generate."""
+    import torch
+
+    from anystep.causal_generation import context_latents
+
+    if getattr(model, "kind", None) != "anyflow_far":
+        raise ValueError(f"--context-frames conditions a causal AnyFlow-FAR model; {model.folder} is a {model.kind!r} folder")
+    part = [int(c) for c in model.transformer.config.chunk_partition]
+    ft = int(model.codec.config.scale_factor_temporal)
+    ends = [(sum(part[: k + 1]) - 1) * ft + 1 for k in range(len(part) - 1)]
+    if context_frames not in ends:
+        raise ValueError(f"--context-frames {context_frames} does not end a chunk of the partition {part} "
+                         f"with a chunk left to generate; use one of {ends}")
+    h, w = real.shape[-2:]
+    return torch.cat([context_latents(model, torch.from_numpy(np.ascontiguousarray(r[:context_frames])), h, w) for r in real])
 
 
 def default_num_frames(model) -> int:
@@ -528,6 +572,7 @@ def run_toybench(
     reuse: bool = False,
     colors: tuple[str, ...] | None = None,
     directions: tuple[str, ...] | None = None,
+    context_frames: int = 0,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -545,6 +590,11 @@ def run_toybench(
     ``colors`` / ``directions`` evaluate on a shifted domain of the toy world (for example the extra
     colours magenta, cyan, white), with the same metrics and that domain's real clips as reference.
 
+    ``context_frames`` > 0 (causal AnyFlow-FAR models only) gives the model the first frames of each
+    prompt's held-out real clip, the ``real`` row's own clips, and scores the whole clip, given
+    frames included: image-to-video ToyBench with 1, video-to-video with more. It must end on a
+    chunk boundary (1, 4, 7 or 10 for the partition 1,3,3,3,3).
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
@@ -561,12 +611,15 @@ def run_toybench(
     prompts = toybench_prompts(n_prompts, world)
     texts = [p for p, _ in prompts]
 
-    real = score_videos(real_clips_for(prompts, world), texts, world)
+    real_videos = real_clips_for(prompts, world)
+    real = score_videos(real_videos, texts, world)
+    context = real_context(model, real_videos, int(context_frames)) if context_frames else None
     result: dict = {
         "model_folder": str(model_folder),
         "kind": model.kind,
         "toybench_version": TOYBENCH_VERSION,
         "num_frames": num_frames,
+        "context_frames": int(context_frames),
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
         "real": {k: v for k, v in real.items() if k != "per_clip"},
         "results": {},
@@ -574,14 +627,16 @@ def run_toybench(
     old = out_dir / "toybench.json"
     if reuse and old.exists():
         prev = json.loads(old.read_text())
-        if prev.get("prompts") == result["prompts"] and prev.get("num_frames") == num_frames and prev.get("kind") == model.kind:
+        same = all(prev.get(k, 0 if k == "context_frames" else None) == result[k]
+                   for k in ("prompts", "num_frames", "kind", "context_frames"))
+        if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
         s = int(s)
         if str(s) in result["results"]:
             continue
         t0 = time.time()
-        videos = _generate_all(model, prompts, s, num_frames, batch_size)
+        videos = _generate_all(model, prompts, s, num_frames, batch_size, context)
         gen_s = time.time() - t0
         sc = score_videos(videos, texts, world)
         row = {"steps": s, "nfe": int(nfe(model, s))}
