@@ -94,6 +94,12 @@ def test_pipeline_writes_every_artefact(tiny_run):
     # Consistency rows are served by the consistency sampler, the causal flow-matching row by Euler + CFG.
     assert json.loads((out / "bidirectional/consistency/model/anystep.json").read_text())["sampler"] == "consistency"
     assert json.loads((out / "causal/flow_matching/model/anystep.json").read_text())["sampler"] == "euler_cfg"
+    # Causal rows are also scored image-to-video at the Table 2 NFE (4 here: 2 guided steps, 4 student steps).
+    i2v = on_disk["architectures"]["causal"]["i2v"]
+    assert set(i2v) == set(on_disk["architectures"]["causal"]["methods"])
+    assert list(i2v["flow_matching"]) == ["2"] and list(i2v["anyflow"]) == ["4"]
+    assert json.loads((out / "eval/causal/anyflow_i2v/toybench.json").read_text())["context_frames"] == 1
+    assert "causal: image-to-video" in (out / "report.md").read_text()
 
 
 def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monkeypatch):

@@ -194,6 +194,23 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
               "| --- | --- | --- | --- | --- |"]
     for name, r in t3.items():
         lines.append(f"| {name} | {r['nfe']} | " + " | ".join(_fmt(r[k]) for k in SCORES) + " |")
+    for arch, a in results["architectures"].items():
+        if not a.get("i2v"):
+            continue
+        lines += ["", f"## {arch}: image-to-video (the first frame of each prompt's real clip given)", "",
+                  "Text-to-video (T2V) from Table 2 beside the same model continuing a real first frame (I2V).", "",
+                  "| method | T2V Total @4 | I2V Total @4 | T2V Total @32 | I2V Total @32 | I2V direction @4 / @32 | I2V dynamic degree @4 / @32 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for method, sweep in a["i2v"].items():
+            m = a["methods"][method]
+            cells, dirs, dyn = [], [], []
+            for nfe in TABLE_NFE:
+                t2v, i2v = row_at_nfe(m["sweep"], nfe), row_at_nfe(sweep, nfe)
+                cells += [_fmt(score_with_ci(t2v, "Total", n_boot)) if t2v else "n/a",
+                          _fmt(score_with_ci(i2v, "Total", n_boot)) if i2v else "n/a"]
+                dirs.append(f"{i2v['direction_accuracy']:.1f}" if i2v else "n/a")
+                dyn.append(f"{i2v['dynamic_degree']:.1f}" if i2v else "n/a")
+            lines.append(f"| {m['label']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {' / '.join(dirs)} | {' / '.join(dyn)} |")
     lines += ["", "## The paper's claims on these numbers", ""]
     for c in claims(results):
         detail = ""

@@ -215,11 +215,18 @@ def run_job(job: Job) -> Path:
     return train(cfg)
 
 
-def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None) -> dict:
+def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
+          context_frames: int = 0) -> dict:
     from anystep.eval.toybench import run_toybench
 
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
-                        num_frames=num_frames)
+                        num_frames=num_frames, context_frames=context_frames)
+
+
+def _steps_at_nfe(steps, guided: bool, nfes=(4, 32)) -> tuple[int, ...]:
+    """The step counts of ``steps`` whose NFE is in ``nfes`` (guided samplers cost 2 calls a step)."""
+    per = 2 if guided else 1
+    return tuple(s for s in steps if s * per in nfes)
 
 
 def _samples_figure(results: dict, out: Path) -> None:
@@ -343,6 +350,15 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
                         num_frames=CAUSAL_FRAMES)
             row = res["results"][str(TEACHER_REFERENCE_STEPS)]
             results["architectures"][arch]["teacher_reference"] = {k: v for k, v in row.items() if k != "per_clip_total"} | {"num_frames": CAUSAL_FRAMES}
+            # Image-to-video: each causal model continues the first frame of its prompt's real clip.
+            # Against the text-to-video rows this separates making the first frame from continuing it.
+            i2v = {}
+            for method, (label, folder, steps, is_teacher) in r.items():
+                sel = _steps_at_nfe(steps, guided=(method == "flow_matching"))
+                say(f"ToyBench image-to-video: {arch} {label}, steps {list(sel)}")
+                res = _eval(folder, sel, out / "eval" / arch / f"{method}_i2v", budget.n_prompts, context_frames=1)
+                i2v[method] = {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()}
+            results["architectures"][arch]["i2v"] = i2v
 
     cost_path = out / "cost.json"
     if measure_cost:
