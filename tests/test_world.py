@@ -13,6 +13,7 @@ from anystep.data.moving_digits import (
     WorldConfig,
     digit_images,
     make_prompt,
+    opposite_direction,
     parse_prompt,
     split_indices,
 )
@@ -207,3 +208,85 @@ def test_teacher_fine_tune_starts_from_init_and_trains_on_long_clips(tmp_path, m
     assert b["step"] == 2
     # The two training batches are long; the codec fit and the end-of-run probe read 7-frame clips.
     assert seen.count(13) == 2 and seen[0] == 7
+
+
+def test_reversed_direction_is_the_same_clip_played_backwards():
+    """Why a time-equivariant denoiser can learn the axis of motion from the prompt but not the sign:
+    a clip played backwards is exactly the clip of the opposite direction (same image, same path)."""
+    world = WorldConfig(num_frames=7)
+    ds = MovingDigits("train", world)
+    for direction in ("left", "right", "up", "down", "up-left", "down-right"):
+        opp = opposite_direction(direction)
+        assert opposite_direction(opp) == direction and opp != direction
+        fwd = ds.render(3, "green", direction, cross=5)
+        back = ds.render(3, "green", opp, cross=5)
+        assert np.array_equal(fwd.video[::-1], back.video)
+
+
+class _TextBlindVelocity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, z, timestep, emb):
+        return types.SimpleNamespace(sample=self.w * z)
+
+
+def test_sign_hinge_charges_a_sign_blind_model_the_margin():
+    """A model that ignores the prompt has equal errors with the true and the reversed direction, so
+    the hinge is exactly ``margin`` x its mean error; null-prompt rows are left out; gradient reaches
+    the model."""
+    from anystep.train.teacher import sign_hinge
+
+    tok = build_word_tokenizer()
+    enc = build_tiny_umt5(len(tok))
+    model = _TextBlindVelocity()
+    g = torch.Generator().manual_seed(0)
+    z, target = torch.randn(4, 7, 48, 4, 4, generator=g), torch.randn(4, 7, 48, 4, 4, generator=g)
+    sigma = torch.full((4,), 0.6)
+    prompts = ["a red one moving up", "", "a blue two moving left", "a green nine moving down"]
+    pred = model(z.permute(0, 2, 1, 3, 4), sigma * 1000, None).sample.permute(0, 2, 1, 3, 4)
+    h = sign_hinge(model, tok, enc, z, sigma, target, pred, prompts, margin=0.1)
+    err = (pred - target).pow(2).flatten(1).mean(1)[[0, 2, 3]]
+    assert h.item() == pytest.approx(0.1 * err.mean().item(), rel=1e-5)
+    h.backward()
+    assert model.w.grad is not None and model.w.grad.abs() > 0
+    assert sign_hinge(model, tok, enc, z, sigma, target, pred, [""] * 4, margin=0.1).item() == 0.0
+
+
+def test_text_separation_hinge_pulls_merged_directions_apart():
+    """An encoder that embeds "right" almost as "left" (and "down" as "up") pays about ``ratio``; a
+    few gradient steps on the hinge alone move the reversed prompts apart; null rows are left out."""
+    from anystep.train.teacher import text_separation_hinge
+
+    tok = build_word_tokenizer()
+    enc = build_tiny_umt5(len(tok))
+    emb = enc.get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        emb[ids("right")] = emb[ids("left")] + 1e-3 * torch.randn(emb.shape[1], generator=g)
+        emb[ids("down")] = emb[ids("up")] + 1e-3 * torch.randn(emb.shape[1], generator=g)
+    world = WorldConfig()
+    prompts = ["a red one moving up", "", "a blue two moving left", "a green nine moving right"]
+
+    def hinge(ratio, seed=0):
+        return text_separation_hinge(tok, enc, prompts, ratio, world, np.random.default_rng(seed))
+
+    assert hinge(0.5).item() == pytest.approx(0.5, abs=0.01)
+    assert text_separation_hinge(tok, enc, [""] * 3, 0.5, world, np.random.default_rng(0)).item() == 0.0
+
+    def reversed_distance():
+        with torch.no_grad():
+            e = encode_prompts(tok, enc, ["a red one moving left", "a red one moving right"])
+        return float((e[0] - e[1]).pow(2).mean().sqrt())
+
+    start = reversed_distance()
+    assert start < 1e-3
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    for i in range(20):
+        opt.zero_grad()
+        hinge(0.5, seed=i).backward()
+        opt.step()
+    assert reversed_distance() > 50 * start
+    assert hinge(0.5).item() < 0.4

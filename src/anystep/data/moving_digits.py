@@ -65,6 +65,12 @@ def parse_prompt(prompt: str) -> tuple[str, int, str]:
     return color, DIGIT_WORDS.index(digit_word), direction
 
 
+def opposite_direction(direction: str) -> str:
+    """The direction pointing the other way along the same axis ("left" -> "right", "up-left" -> "down-right")."""
+    dr, dc = ALL_DIRECTIONS[direction]
+    return next(k for k, v in ALL_DIRECTIONS.items() if v == (-dr, -dc))
+
+
 def vocabulary() -> list[str]:
     """Every word a MovingDigits prompt can contain (the toy tokenizer's word list)."""
     return PROMPT_WORDS + list(ALL_COLORS) + DIGIT_WORDS + list(ALL_DIRECTIONS)

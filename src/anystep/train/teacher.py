@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, parse_prompt, DIGIT_WORDS
+from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt, DIGIT_WORDS
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
 from anystep.models.codec import fit_codec
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
@@ -46,6 +46,18 @@ class TeacherConfig:
     uniform_t_frac: float = 0.0
     null_prob: float = 0.1
     train_text_encoder: bool = True
+    # Experimental: weight of a hinge term asking the flow-matching error with the true prompt to
+    # sit below the error with the direction reversed (left <-> right, up <-> down) by a relative
+    # margin. See README, teacher provenance: plain flow matching leaves the teacher blind to the sign.
+    sign_weight: float = 0.0
+    sign_margin: float = 0.02
+    # Keep the jointly trained text encoder from merging the two directions of an axis: a hinge
+    # asking the embedding distance between a prompt and its direction-reversed twin to be at least
+    # `text_sep_ratio` x the distance to a prompt with another colour, digit or axis. A teacher that
+    # ignores the sign merged "left" and "right" (README, teacher provenance), which leaves every
+    # student, whose encoder is the teacher's frozen one, no word to learn the sign from.
+    text_sep_weight: float = 0.0
+    text_sep_ratio: float = 0.5
     text_lr_mult: float = 1.0
     num_frames: int = 7
     # A share of the steps trains on longer clips, so the teacher that scores causal students'
@@ -73,7 +85,9 @@ def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig
     """Relative change of the velocity prediction when one prompt word is swapped.
 
     A cheap go/no-go signal: a teacher that ignores the digit or direction word shows ~0 there
-    while colour is large (DESIGN.md section 4).
+    while colour is large (DESIGN.md section 4). ``sign`` swaps the direction for its opposite
+    (left <-> right, up <-> down): a teacher that knows the axis of motion but not which way along it
+    scores ~0 there while ``direction`` is large.
     """
     ds = MovingDigits("train", world, seed=seed)
     videos, prompts = ds.batch(range(n))
@@ -91,6 +105,8 @@ def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig
                 c = rng.choice([o for o in world.colors if o != c])
             elif kind == "digit":
                 d = int(rng.choice([o for o in range(10) if o != d]))
+            elif kind == "sign":
+                m = opposite_direction(m)
             else:
                 m = rng.choice([o for o in world.directions if o != m])
             out.append(make_prompt(c, d, m))
@@ -102,7 +118,7 @@ def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig
 
     base = pred(prompts)
     scale = base.pow(2).mean().sqrt()
-    out = {k: float((pred(swapped(k)) - base).pow(2).mean().sqrt() / scale) for k in ("color", "digit", "direction")}
+    out = {k: float((pred(swapped(k)) - base).pow(2).mean().sqrt() / scale) for k in ("color", "digit", "direction", "sign")}
     out["temporal"] = temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts)
     return out
 
@@ -146,6 +162,59 @@ def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float =
             ema_t.load_state_dict(state["ema_text"])
             ema_t.copy_to(text_encoder)
     return save_teacher_folder(dest, model.eval(), text_encoder.eval(), tokenizer, codec, shift=shift)
+
+
+def sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, margin: float) -> torch.Tensor:
+    """Mean over prompted clips of ``relu(L_true - (1 - margin) L_reversed)``: the per-clip
+    flow-matching error with the true prompt should beat the error with the direction reversed.
+
+    The reversed prompt describes the same clip played backwards, so only a model that ties the
+    direction word to the order of frames can win this. Null-prompt rows are left out.
+    """
+    keep = [i for i, p in enumerate(prompts) if p]
+    if not keep:
+        return pred.new_zeros(())
+    flipped = []
+    for i in keep:
+        c, d, m = parse_prompt(prompts[i])
+        flipped.append(make_prompt(c, d, opposite_direction(m)))
+    idx = torch.tensor(keep)
+    emb_f = encode_prompts(tokenizer, text_encoder, flipped)
+    pred_f = model(z[idx].permute(0, 2, 1, 3, 4), sigma[idx] * NUM_TRAIN_TIMESTEPS, emb_f).sample.permute(0, 2, 1, 3, 4)
+    err_t = (pred[idx].float() - target[idx].float()).pow(2).flatten(1).mean(1)
+    err_f = (pred_f.float() - target[idx].float()).pow(2).flatten(1).mean(1)
+    return F.relu(err_t - (1.0 - margin) * err_f).mean()
+
+
+def text_separation_hinge(tokenizer, text_encoder, prompts, ratio: float, world: WorldConfig,
+                          rng: np.random.Generator) -> torch.Tensor:
+    """Mean over prompted rows of ``relu(ratio * d_ref - d_rev) / d_ref``.
+
+    ``d_rev`` is the RMS distance between the embeddings of a prompt and of its direction-reversed
+    twin; ``d_ref`` (no gradient) the distance to the prompt with one other word swapped - another
+    colour, digit or axis, drawn from ``rng``. Null-prompt rows are left out.
+    """
+    keep = [p for p in prompts if p]
+    if not keep:
+        return torch.zeros(())
+    rev, ref = [], []
+    for p in keep:
+        c, d, m = parse_prompt(p)
+        rev.append(make_prompt(c, d, opposite_direction(m)))
+        slot = int(rng.integers(3))
+        if slot == 0:
+            c = str(rng.choice([o for o in world.colors if o != c]))
+        elif slot == 1:
+            d = int(rng.choice([o for o in range(10) if o != d]))
+        else:
+            m = str(rng.choice([o for o in world.directions if o not in (m, opposite_direction(m))]))
+        ref.append(make_prompt(c, d, m))
+    e = encode_prompts(tokenizer, text_encoder, keep + rev + ref).float()
+    n = len(keep)
+    base, e_rev, e_ref = e[:n], e[n : 2 * n], e[2 * n :]
+    d_rev = (base - e_rev).pow(2).flatten(1).mean(1).add(1e-12).sqrt()  # finite gradient at a merged pair
+    d_ref = (base - e_ref).pow(2).flatten(1).mean(1).sqrt().detach()
+    return (F.relu(ratio * d_ref - d_rev) / d_ref.clamp_min(1e-8)).mean()
 
 
 def clip_length(cfg: TeacherConfig, step: int) -> int:
@@ -247,8 +316,17 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             emb = encode_prompts(tokenizer, text_encoder, prompts)
         pred = model(z.permute(0, 2, 1, 3, 4), sigma * NUM_TRAIN_TIMESTEPS, emb).sample.permute(0, 2, 1, 3, 4)
         loss = F.mse_loss(pred.float(), (noise - x).float())
+        loss_total = loss
+        sign_term = sep_term = None
+        if cfg.sign_weight > 0:
+            sign_term = sign_hinge(model, tokenizer, text_encoder, z, sigma, noise - x, pred, prompts, cfg.sign_margin)
+            loss_total = loss_total + cfg.sign_weight * sign_term
+        if cfg.text_sep_weight > 0 and cfg.train_text_encoder:
+            rng = np.random.default_rng([cfg.seed, step, 0x7E47])
+            sep_term = text_separation_hinge(tokenizer, text_encoder, prompts, cfg.text_sep_ratio, world, rng)
+            loss_total = loss_total + cfg.text_sep_weight * sep_term
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         sched.step()
@@ -259,6 +337,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         rec = {"step": step, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time": time.time() - t0}
+        if sign_term is not None:
+            rec["sign_hinge"] = float(sign_term)
+        if sep_term is not None:
+            rec["text_sep_hinge"] = float(sep_term)
         if step % cfg.probe_every == 0 or step == cfg.steps:
             model.eval()
             rec.update({f"probe_{k}": v for k, v in prompt_sensitivity(model, tokenizer, text_encoder, codec, world).items()})
