@@ -125,6 +125,10 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
     monkeypatch.setattr(tb, "_generate_all", lambda *a, **k: calls.append("generate"))
     again = rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
     assert calls == []  # no job retrained, no clip regenerated
+    inv = again["meta"]["invocations"]  # the run's wall time adds up its invocations
+    assert len(inv) == 2 and inv[0]["wall_seconds"] == pytest.approx(res["meta"]["wall_seconds"])
+    assert again["meta"]["wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in inv))
+    assert "over 2 invocations" in (out / "report.md").read_text()
     assert again["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"] == \
         res["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"]
     monkeypatch.undo()

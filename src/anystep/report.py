@@ -159,6 +159,14 @@ def claims(results: dict) -> list[dict]:
     return out
 
 
+def _invocations_note(meta: dict) -> str:
+    inv = meta.get("invocations") or []
+    if len(inv) < 2:
+        return ""
+    parts = ", ".join(f"{i['date']} {i['wall_seconds'] / 60:.1f} min" for i in inv)
+    return f" over {len(inv)} invocations ({parts})"
+
+
 def report_markdown(results: dict, n_boot: int = 2000) -> str:
     meta = results.get("meta", {})
     t2, t3 = table2(results, n_boot), table3(results, n_boot)
@@ -167,7 +175,8 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
         "",
         f"Command: `{meta.get('command', '?')}`  ",
         f"Mode: {'quick' if meta.get('quick') else 'full'}; date {meta.get('date', '?')}; "
-        f"wall time {meta.get('wall_seconds', float('nan')) / 60:.1f} min; {meta.get('n_prompts', '?')} prompts per cell.",
+        f"wall time {meta.get('wall_seconds', float('nan')) / 60:.1f} min{_invocations_note(meta)}; "
+        f"{meta.get('n_prompts', '?')} prompts per cell.",
         "",
         "Every number is a ToyBench score (0-100) with a bootstrap 95% interval over prompts "
         f"({n_boot} resamples). Flow matching and the teacher use classifier-free guidance, so their "

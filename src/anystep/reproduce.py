@@ -223,6 +223,22 @@ def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | N
                         num_frames=num_frames, context_frames=context_frames)
 
 
+def _earlier_invocations(path: Path) -> list[dict]:
+    """The finished invocations an earlier ``results.json`` of this ``--out`` recorded (date, wall
+    seconds); a file from before the list existed counts as one invocation."""
+    if not path.exists():
+        return []
+    try:
+        meta = json.loads(path.read_text()).get("meta", {})
+    except (json.JSONDecodeError, OSError):
+        return []
+    if meta.get("invocations"):
+        return list(meta["invocations"])
+    if "wall_seconds" in meta:
+        return [{"date": meta.get("date", "?"), "wall_seconds": float(meta["wall_seconds"])}]
+    return []
+
+
 def _steps_at_nfe(steps, guided: bool, nfes=(4, 32)) -> tuple[int, ...]:
     """The step counts of ``steps`` whose NFE is in ``nfes`` (guided samplers cost 2 calls a step)."""
     per = 2 if guided else 1
@@ -371,10 +387,14 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             results["cost"] = measure_costs(str(teacher), batch=4, repeats=budget.cost_repeats, archs=budget.archs,
                                             progress=say)
             atomic_write(cost_path, lambda f: f.write(json.dumps(results["cost"], indent=1).encode()))
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    invocations = _earlier_invocations(out / "results.json") + [{"date": now, "wall_seconds": time.time() - t_start}]
     results["meta"] = {
         "command": command or f"anystep reproduce {'--quick ' if quick else ''}--out {out}",
-        "quick": quick, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "wall_seconds": time.time() - t_start, "teacher": str(teacher), "budget": asdict(budget),
+        "quick": quick, "date": now,
+        # A re-run over finished work costs minutes; the run's cost is the sum over its invocations.
+        "wall_seconds": sum(i["wall_seconds"] for i in invocations), "invocations": invocations,
+        "teacher": str(teacher), "budget": asdict(budget),
         "n_prompts": budget.n_prompts, "real": real,
     }
     atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
