@@ -8,6 +8,12 @@ Two measurements on a teacher folder (README, teacher provenance):
    direction's sign pays for the reversed prompt; one that only knows the axis pays nothing there.
 2. Distances between the text encoder's embeddings of prompts that differ in one word: the jointly
    trained encoder can collapse the words the transformer never learnt to use.
+3. How far the transformer is from being blind to order at all: the relative change of its output
+   when the clip is played backwards, or the patch tokens are put in mirrored order along one axis
+   (each token's own content kept), and the output mapped back. A network that never uses the odd
+   (sine) part of its rotary positions changes by ~0 there, whatever it learnt; a random frame
+   shuffle, which the even part does see, is the yardstick. Printed for the model and for a
+   random-weight network of the same config.
 
 Usage: python scripts/teacher_sign_gap.py [--model models/toy-teacher] [--num-frames 7] [--n 64]
 """
@@ -73,6 +79,36 @@ def embedding_distances(tokenizer, text_encoder, base: str = "a red zero moving 
     return {k: float((e[i + 1] - e[0]).norm()) for i, k in enumerate(others)}
 
 
+def _mirror_tokens(x: torch.Tensor, dim: int, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, F, H, W) latents with the patch tokens along ``dim`` (2, 3 or 4) in reverse order,
+    every token's inside unchanged. An involution."""
+    p = patch[dim - 2]
+    b, c, f, h, w = x.shape
+    sizes = [f, h, w]
+    split = sizes[dim - 2] // p
+    shape = [b, c] + [s for i, s in enumerate(sizes) for s in ((split, p) if i == dim - 2 else (s,))]
+    return x.reshape(shape).flip(dim).reshape(b, c, f, h, w)
+
+
+@torch.no_grad()
+def order_symmetry(net, emb: torch.Tensor, num_frames: int, sigma: float = 0.7, seed: int = 0) -> dict[str, float]:
+    """Relative output change under a reordering g of the tokens: |g^-1 net(g z) - net(z)| / |net(z)|."""
+    cfg = net.config
+    h = w = 8
+    z = torch.randn(len(emb), cfg.in_channels, num_frames, h, w, generator=torch.Generator().manual_seed(seed))
+    t = torch.full((len(emb),), sigma * 1000.0)
+    base = net(z, t, emb).sample
+    perm = torch.randperm(num_frames, generator=torch.Generator().manual_seed(seed + 1))
+    inv = torch.argsort(perm)
+    maps = {
+        "time reversed": (lambda x: _mirror_tokens(x, 2, cfg.patch_size),) * 2,
+        "rows mirrored": (lambda x: _mirror_tokens(x, 3, cfg.patch_size),) * 2,
+        "columns mirrored": (lambda x: _mirror_tokens(x, 4, cfg.patch_size),) * 2,
+        "frames shuffled": (lambda x: x[:, :, perm], lambda x: x[:, :, inv]),
+    }
+    return {k: float((back(net(fwd(z), t, emb).sample) - base).norm() / base.norm()) for k, (fwd, back) in maps.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/toy-teacher")
@@ -93,6 +129,16 @@ def main() -> None:
     print(f"  {'':20s} {'teacher':>8s} {'at init':>8s}")
     for k in trained:
         print(f"  {k:20s} {trained[k]:8.2f} {init[k]:8.2f}")
+    from diffusers import WanTransformer3DModel
+
+    net = model.transformer.eval()
+    emb = encode_prompts(model.pipe.tokenizer, model.pipe.text_encoder, ["a red zero moving left", "a blue seven moving up"])
+    random_net = WanTransformer3DModel.from_config(net.config).eval()
+    mine, rand = order_symmetry(net, emb, a.num_frames), order_symmetry(random_net, emb, a.num_frames)
+    print("relative output change when the tokens are reordered (0 = blind to that order), sigma 0.7:")
+    print(f"  {'':20s} {'model':>8s} {'random':>8s}")
+    for k in mine:
+        print(f"  {k:20s} {mine[k]:8.4f} {rand[k]:8.4f}")
 
 
 if __name__ == "__main__":

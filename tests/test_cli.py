@@ -122,6 +122,17 @@ def test_train_dry_run_and_bad_override(tmp_path, capsys):
     assert "not found" in _err(capsys)
 
 
+def test_teacher_init_must_be_a_checkpoint_or_a_teacher_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "teacher", "--config", "configs/toy/teacher.yaml", f"out={out}", "steps=1"]
+    assert main(base + [f"init={tmp_path / 'nope.pt'}"]) == 2
+    assert "neither a teacher checkpoint" in _err(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(base + [f"init={tmp_path / 'empty'}"]) == 2
+    assert "empty" in _err(capsys)
+    assert not out.exists()
+
+
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, run as a process: exit 2, one stderr line, no traceback."""
     exe = Path(sys.executable).with_name("anystep")

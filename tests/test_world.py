@@ -4,6 +4,7 @@ import types
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 
 from anystep.data.moving_digits import (
@@ -94,6 +95,27 @@ def test_codec_normalisation_and_folder(tmp_path):
     assert again.config.latents_mean == codec.config.latents_mean
     with pytest.raises(ValueError, match="divisible"):
         codec.space_to_depth(torch.zeros(1, 3, 1, 30, 32))
+
+
+def test_anchored_codec_negates_frame_zero_and_round_trips(tmp_path):
+    ds = MovingDigits("train")
+    videos = torch.from_numpy(ds.batch(range(16))[0])
+    plain, anchored = fit_codec(videos), fit_codec(videos, anchor_first_frame=True)
+    z0, z1 = plain.pixels_to_latents(videos), anchored.pixels_to_latents(videos)
+    # Frame 0 is the plain latent negated (in the normalised space the transformer sees); every
+    # later frame is untouched, so the two codecs differ only in where the clip starts.
+    assert torch.allclose(z1[:, 0], -z0[:, 0], atol=1e-5)
+    assert torch.equal(z1[:, 1:], z0[:, 1:])
+    assert torch.allclose(anchored.latents_to_pixels(z1), videos, atol=1e-5)
+    # A clip played backwards no longer encodes to the reversed latents: the anchor is at its start.
+    rev = anchored.pixels_to_latents(videos.flip(1))
+    assert not torch.allclose(rev, z1.flip(1), atol=1e-2)
+    # The diffusers-facing path (encode -> moments -> decode) and a saved folder agree.
+    post = anchored.encode(videos.permute(0, 2, 1, 3, 4)).latent_dist.mode()
+    assert torch.allclose(anchored.decode(post).sample, videos.permute(0, 2, 1, 3, 4), atol=1e-6)
+    anchored.save_pretrained(tmp_path / "vae")
+    again = SpaceToDepthCodec.from_pretrained(tmp_path / "vae")
+    assert again.config.anchor_first_frame and torch.equal(again.pixels_to_latents(videos), z1)
 
 
 def test_tokenizer_and_text_encoder(tmp_path):
@@ -208,6 +230,59 @@ def test_teacher_fine_tune_starts_from_init_and_trains_on_long_clips(tmp_path, m
     assert b["step"] == 2
     # The two training batches are long; the codec fit and the end-of-run probe read 7-frame clips.
     assert seen.count(13) == 2 and seen[0] == 7
+
+
+def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
+    """init= also takes a teacher folder (the shipped models/toy-teacher is one): a zero learning
+    rate keeps its weights, and anchor_first_frame reaches the written folder's codec."""
+    from conftest import make_tiny_teacher
+
+    from anystep.sampling import load_model
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    src = load_model(make_tiny_teacher(tmp_path / "a", steps=2))
+    assert not src.codec.config.anchor_first_frame
+    out = train_teacher(TeacherConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "model"), steps=1,
+                                      batch_size=2, lr=0.0, anchor_first_frame=True, probe_every=1000,
+                                      ckpt_every=1000))
+    got = load_model(out)
+    assert got.codec.config.anchor_first_frame
+    for (k, v), w in zip(src.transformer.state_dict().items(), got.transformer.state_dict().values()):
+        assert torch.equal(v, w), k
+    for (k, v), w in zip(src.pipe.text_encoder.state_dict().items(), got.pipe.text_encoder.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_order_symmetry_probe_sees_what_the_rotary_positions_see():
+    """scripts/teacher_sign_gap.py's reordering probe: mirrored token order is an involution that
+    keeps each patch token whole, and the time-reversal figure is the one computed directly."""
+    import importlib.util
+
+    from anystep.models.toy import build_toy_transformer
+
+    spec = importlib.util.spec_from_file_location("sign_gap", Path(__file__).parents[1] / "scripts" / "teacher_sign_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x = torch.arange(2 * 3 * 5 * 8 * 8, dtype=torch.float32).reshape(2, 3, 5, 8, 8)
+    for dim in (2, 3, 4):
+        assert torch.equal(mod._mirror_tokens(mod._mirror_tokens(x, dim, (1, 2, 2)), dim, (1, 2, 2)), x)
+    m = mod._mirror_tokens(x, 4, (1, 2, 2))
+    # Columns 0-1 (token 0) move to 6-7 in their own order; frames come back reversed for dim 2.
+    assert torch.equal(m[..., 6:8], x[..., 0:2]) and torch.equal(m[..., 0:2], x[..., 6:8])
+    assert torch.equal(mod._mirror_tokens(x, 2, (1, 2, 2)), x.flip(2))
+    torch.manual_seed(0)
+    net = build_toy_transformer(num_layers=1).eval()
+    emb = torch.randn(2, 8, 64)
+    sym = mod.order_symmetry(net, emb, num_frames=5)
+    assert set(sym) == {"time reversed", "rows mirrored", "columns mirrored", "frames shuffled"}
+    assert all(v > 1e-5 for v in sym.values())  # a random rotary network is not exactly order-blind
+    # Against an independent computation on the same input: play the clip backwards and back.
+    z = torch.randn(2, 48, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 700.0)
+    with torch.no_grad():
+        base = net(z, t, emb).sample
+        back = net(z.flip(2), t, emb).sample.flip(2)
+    assert abs(sym["time reversed"] - float((back - base).norm() / base.norm())) < 1e-6
 
 
 def test_reversed_direction_is_the_same_clip_played_backwards():

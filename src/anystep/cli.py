@@ -269,8 +269,13 @@ def _check_stage2(cfg) -> None:
 
 
 def _check_teacher_train(cfg) -> None:
-    if cfg.init and not Path(cfg.init).is_file():
-        raise UserError(f"init={cfg.init}: no teacher checkpoint there (a checkpoint.pt of `anystep train teacher`)")
+    if cfg.init and Path(cfg.init).is_dir():
+        if _load(cfg.init).kind != "teacher":
+            raise UserError(f"init={cfg.init}: a teacher fine-tune starts from a Wan teacher folder")
+    elif cfg.init and not Path(cfg.init).is_file():
+        raise UserError(
+            f"init={cfg.init}: neither a teacher checkpoint (checkpoint.pt of `anystep train teacher`) nor a teacher folder"
+        )
     if cfg.long_frac and cfg.long_num_frames <= 0:
         raise UserError(f"long_frac={cfg.long_frac} needs long_num_frames > 0")
 

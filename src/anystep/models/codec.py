@@ -6,6 +6,12 @@ use (``config.z_dim``, ``latents_mean``, ``latents_std``, ``scale_factor_spatial
 folder is loaded and decoded by the stock pipelines exactly like a real Wan folder.
 
 Latents are per-channel normalised with the stored mean/std, so the flow sees unit-scale data.
+
+``anchor_first_frame`` makes the first latent frame differ in kind from the rest, as it does in the
+real Wan VAE (its causal encoder gives frame 0 a latent of its own, every later latent covers four
+frames): frame 0 is stored negated about the channel mean. Wan's transformer has only relative
+(rotary) positions, so without such an anchor nothing in a clip tells it which end comes first, and a
+clip played backwards is as likely as the clip itself (README, teacher provenance).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         z_dim: int | None = None,
         scale_factor_spatial: int | None = None,
         scale_factor_temporal: int = 1,
+        anchor_first_frame: bool = False,
     ):
         super().__init__()
         z_dim = in_channels * patch * patch
@@ -67,9 +74,18 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         x = latents.reshape(b, c, p, p, f, h, w)
         return x.permute(0, 1, 4, 5, 2, 6, 3).reshape(b, c, f, h * p, w * p)
 
+    def reflect_first_frame(self, z: torch.Tensor) -> torch.Tensor:
+        """Codec-space latents (B, Z, F, h, w) with frame 0 reflected about the channel mean, so that
+        the normalised frame 0 is negated. An involution (its own inverse); identity when off."""
+        if not self.config.anchor_first_frame or z.shape[2] == 0:
+            return z
+        mean, _ = self._stats(z)
+        first = 2.0 * mean[:, :, 0] - z[:, :, 0]
+        return torch.cat([first.unsqueeze(2).to(z.dtype), z[:, :, 1:]], dim=2)
+
     # -- AutoencoderKLWan-compatible API -----------------------------------------------------------
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        mu = self.space_to_depth(video)
+        mu = self.reflect_first_frame(self.space_to_depth(video))
         # Zero log-variance moments: the posterior is a point mass (mean == mode == sample).
         return torch.cat([mu, torch.full_like(mu, -30.0)], dim=1)
 
@@ -80,7 +96,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=posterior)
 
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
-        video = self.depth_to_space(latents).clamp(-1.0, 1.0)
+        video = self.depth_to_space(self.reflect_first_frame(latents)).clamp(-1.0, 1.0)
         if not return_dict:
             return (video,)
         return DecoderOutput(sample=video)
@@ -93,7 +109,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
 
     def pixels_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         """(B, F, C, H, W) pixels -> normalised latents (B, F, Z, h, w), the AnyFlow layout."""
-        z = self.space_to_depth(video.permute(0, 2, 1, 3, 4).float())
+        z = self.reflect_first_frame(self.space_to_depth(video.permute(0, 2, 1, 3, 4).float()))
         mean, std = self._stats(z)
         return ((z - mean) / std).permute(0, 2, 1, 3, 4)
 
@@ -104,7 +120,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         return self.decode(z * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
 
 
-def fit_codec(videos: torch.Tensor, patch: int = 4) -> SpaceToDepthCodec:
+def fit_codec(videos: torch.Tensor, patch: int = 4, anchor_first_frame: bool = False) -> SpaceToDepthCodec:
     """A codec whose per-channel statistics are measured on ``videos`` (B, F, C, H, W) pixels.
 
     Statistics are pooled over the p*p sub-pixels of each colour channel, so that every latent
@@ -114,4 +130,5 @@ def fit_codec(videos: torch.Tensor, patch: int = 4) -> SpaceToDepthCodec:
     flat = videos.permute(2, 0, 1, 3, 4).reshape(c, -1).double()
     mean = flat.mean(1).repeat_interleave(patch * patch)
     std = flat.std(1).clamp_min(1e-3).repeat_interleave(patch * patch)
-    return SpaceToDepthCodec(in_channels=c, patch=patch, latents_mean=mean.tolist(), latents_std=std.tolist())
+    return SpaceToDepthCodec(in_channels=c, patch=patch, latents_mean=mean.tolist(), latents_std=std.tolist(),
+                             anchor_first_frame=anchor_first_frame)

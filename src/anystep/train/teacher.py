@@ -66,8 +66,12 @@ class TeacherConfig:
     long_num_frames: int = 0
     long_frac: float = 0.0
     # A fine-tuning phase: start model, text encoder and their EMAs from this teacher checkpoint
-    # with a fresh optimiser and schedule (the step counter restarts at 0).
+    # (or from a teacher folder's weights, e.g. the shipped models/toy-teacher) with a fresh
+    # optimiser and schedule (the step counter restarts at 0).
     init: str = ""
+    # The codec marks the first latent frame as the Wan VAE's causal encoder does (codec.py): an
+    # absolute temporal anchor for a transformer whose positions are all relative.
+    anchor_first_frame: bool = False
     seed: int = 0
     log_every: int = 25
     probe_every: int = 250
@@ -141,13 +145,15 @@ def temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts) -> float
     return float(alone / whole - 1.0)
 
 
-def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float = 5.0, num_frames: int = 7, seed: int = 0) -> Path:
+def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float = 5.0, num_frames: int = 7, seed: int = 0,
+                           anchor_first_frame: bool = False) -> Path:
     """Write a teacher folder from a training checkpoint (EMA weights by default)."""
     from anystep.models.folders import save_teacher_folder
 
     state = torch.load(ckpt_path, weights_only=False)
     world = WorldConfig(num_frames=num_frames)
-    codec = fit_codec(torch.from_numpy(MovingDigits("train", world, seed=seed).batch(range(256))[0]))
+    codec = fit_codec(torch.from_numpy(MovingDigits("train", world, seed=seed).batch(range(256))[0]),
+                      anchor_first_frame=anchor_first_frame)
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer))
     text_encoder.load_state_dict(state["text_encoder"])
@@ -217,6 +223,25 @@ def text_separation_hinge(tokenizer, text_encoder, prompts, ratio: float, world:
     return (F.relu(ratio * d_ref - d_rev) / d_ref.clamp_min(1e-8)).mean()
 
 
+def _init_state(path: str) -> dict:
+    """Weights to start a fine-tuning phase from: a teacher checkpoint, or a teacher folder (its
+    weights are the EMA weights it was exported with, so they start both the model and its EMA)."""
+    if not Path(path).is_dir():
+        return torch.load(path, weights_only=False)
+    from anystep.models.folders import load_pipeline
+
+    pipe = load_pipeline(path)
+    model_sd = pipe.transformer.state_dict()
+    text_sd = pipe.text_encoder.state_dict()
+    shadow = lambda sd, mod: {k: sd[k] for k, _ in mod.named_parameters()}  # noqa: E731
+    return {
+        "model": model_sd,
+        "text_encoder": text_sd,
+        "ema": {"decay": 0.0, "start": 0, "shadow": shadow(model_sd, pipe.transformer)},
+        "ema_text": {"decay": 0.0, "start": 0, "shadow": shadow(text_sd, pipe.text_encoder)},
+    }
+
+
 def clip_length(cfg: TeacherConfig, step: int) -> int:
     """Frames in the training batch of ``step``: ``long_num_frames`` with probability ``long_frac``."""
     if cfg.long_num_frames <= 0 or cfg.long_frac <= 0:
@@ -240,7 +265,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     # Codec statistics from a fixed sample of training clips.
-    codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]))
+    codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame)
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
     text_encoder.requires_grad_(cfg.train_text_encoder)
@@ -259,7 +284,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if cfg.init and not ckpt_path.exists():
-        init = torch.load(cfg.init, weights_only=False)
+        init = _init_state(cfg.init)
         model.load_state_dict(init["model"])
         text_encoder.load_state_dict(init["text_encoder"])
         ema.load_state_dict(init["ema"])
@@ -276,7 +301,6 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         ema.load_state_dict(state["ema"])
         if ema_text is not None:
             ema_text.load_state_dict(state["ema_text"])
-        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]))
         step = state["step"]
         set_rng_state(state["rng"])
     logger = JsonlLogger(out / "metrics.jsonl")
