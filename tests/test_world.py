@@ -240,13 +240,14 @@ def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
     from anystep.sampling import load_model
     from anystep.train.teacher import TeacherConfig, train_teacher
 
-    src = load_model(make_tiny_teacher(tmp_path / "a", steps=2))
+    src = load_model(make_tiny_teacher(tmp_path / "a", steps=2))  # seed 0's codec statistics
     assert not src.codec.config.anchor_first_frame
     out = train_teacher(TeacherConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "model"), steps=1,
-                                      batch_size=2, lr=0.0, anchor_first_frame=True, probe_every=1000,
+                                      batch_size=2, lr=0.0, anchor_first_frame=True, seed=5, probe_every=1000,
                                       ckpt_every=1000))
     got = load_model(out)
     assert got.codec.config.anchor_first_frame
+    assert got.codec.config.latents_mean == src.codec.config.latents_mean  # the folder's latent space is kept
     for (k, v), w in zip(src.transformer.state_dict().items(), got.transformer.state_dict().values()):
         assert torch.equal(v, w), k
     for (k, v), w in zip(src.pipe.text_encoder.state_dict().items(), got.pipe.text_encoder.state_dict().values()):
