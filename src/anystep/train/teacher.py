@@ -271,9 +271,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         from anystep.models.codec import SpaceToDepthCodec
 
         src = SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae")
-        codec = SpaceToDepthCodec(in_channels=src.config.in_channels, patch=src.config.patch,
-                                  latents_mean=src.config.latents_mean, latents_std=src.config.latents_std,
-                                  anchor_first_frame=cfg.anchor_first_frame)
+        codec = SpaceToDepthCodec.from_config({**src.config, "anchor_first_frame": cfg.anchor_first_frame})
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
     text_encoder.requires_grad_(cfg.train_text_encoder)
