@@ -266,12 +266,13 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
     # Codec statistics from a fixed sample of training clips; a fine-tune of a teacher folder keeps
     # that folder's statistics (its weights were trained in those latents).
-    codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame)
     if cfg.init and Path(cfg.init).is_dir():
         from anystep.models.codec import SpaceToDepthCodec
 
         src = SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae")
         codec = SpaceToDepthCodec.from_config({**src.config, "anchor_first_frame": cfg.anchor_first_frame})
+    else:
+        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame)
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
     text_encoder.requires_grad_(cfg.train_text_encoder)
