@@ -133,6 +133,24 @@ def test_teacher_init_must_be_a_checkpoint_or_a_teacher_folder(tmp_path, capsys)
     assert not out.exists()
 
 
+def test_teacher_init_that_does_not_fit_the_transformer_is_one_error_line(tmp_path, capsys):
+    from conftest import make_tiny_teacher
+
+    folder = make_tiny_teacher(tmp_path / "t", steps=1, num_layers=1)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    base = ["train", "teacher", "--config", "configs/toy/teacher.yaml", f"out={out}", "steps=1", "batch_size=2"]
+    assert main(base + [f"init={folder}"]) == 2
+    assert "num_layers 1 != 4" in _err(capsys)
+    assert not out.exists()
+    # A checkpoint carries no config: its weights are refused when they do not fit.
+    assert main(base + [f"init={tmp_path / 't' / 'checkpoint.pt'}"]) == 2
+    assert "does not fit this run's transformer" in _err(capsys)
+    assert not out.exists()
+    # Told the folder's architecture, the same fine-tune runs.
+    assert main(base + [f"init={folder}", "transformer={num_layers: 1}", "probe_every=1000"]) == 0
+
+
 def test_console_script_exit_code(tmp_path):
     """The installed entry point, run as a process: exit 2, one stderr line, no traceback."""
     exe = Path(sys.executable).with_name("anystep")

@@ -228,8 +228,9 @@ def test_teacher_fine_tune_starts_from_init_and_trains_on_long_clips(tmp_path, m
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert b["step"] == 2
-    # The two training batches are long; the codec fit and the end-of-run probe read 7-frame clips.
-    assert seen.count(13) == 2 and seen[0] == 7
+    # The two training batches are long and the end-of-run probe reads 7-frame clips; the codec comes
+    # from the checkpoint, so no clips are read to fit one.
+    assert seen == [13, 13, 7]
 
 
 def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
@@ -252,6 +253,26 @@ def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
         assert torch.equal(v, w), k
     for (k, v), w in zip(src.pipe.text_encoder.state_dict().items(), got.pipe.text_encoder.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_teacher_fine_tune_from_a_checkpoint_keeps_its_codec(tmp_path):
+    """A checkpoint records its codec, so a fine-tune with another seed stays in the latent space
+    the weights were trained in (it used to refit the statistics from the new seed's clips)."""
+    from conftest import make_tiny_teacher
+
+    from anystep.sampling import load_model
+    from anystep.train.teacher import TeacherConfig, train_teacher
+
+    src = load_model(make_tiny_teacher(tmp_path / "a", steps=1))
+    assert torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["codec"]["latents_mean"] == list(
+        src.codec.config.latents_mean)
+    fresh = load_model(train_teacher(TeacherConfig(out=str(tmp_path / "c"), steps=1, batch_size=2, seed=5,
+                                                   probe_every=1000, ckpt_every=1000)))
+    assert fresh.codec.config.latents_mean != src.codec.config.latents_mean  # seed 5 alone fits other stats
+    got = load_model(train_teacher(TeacherConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "checkpoint.pt"),
+                                                 steps=1, batch_size=2, seed=5, probe_every=1000, ckpt_every=1000)))
+    assert got.codec.config.latents_mean == src.codec.config.latents_mean
+    assert got.codec.config.latents_std == src.codec.config.latents_std
 
 
 def test_order_symmetry_probe_sees_what_the_rotary_positions_see():

@@ -272,6 +272,16 @@ def _check_teacher_train(cfg) -> None:
     if cfg.init and Path(cfg.init).is_dir():
         if _load(cfg.init).kind != "teacher":
             raise UserError(f"init={cfg.init}: a teacher fine-tune starts from a Wan teacher folder")
+        from anystep.models.toy import TOY_TRANSFORMER
+
+        have = json.loads((Path(cfg.init) / "transformer" / "config.json").read_text())
+        want = {**TOY_TRANSFORMER, **cfg.transformer}
+        differ = [f"{k} {have[k]} != {v}" for k, v in want.items()
+                  if k in have and (list(have[k]) if isinstance(have[k], (list, tuple)) else have[k])
+                  != (list(v) if isinstance(v, (list, tuple)) else v)]
+        if differ:
+            raise UserError(f"init={cfg.init}: its transformer does not match this run's ({', '.join(differ)}); "
+                            f"set transformer={{...}} to the folder's config")
     elif cfg.init and not Path(cfg.init).is_file():
         raise UserError(
             f"init={cfg.init}: neither a teacher checkpoint (checkpoint.pt of `anystep train teacher`) nor a teacher folder"

@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt, DIGIT_WORDS
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
-from anystep.models.codec import fit_codec
+from anystep.models.codec import SpaceToDepthCodec, fit_codec
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
 from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
+from anystep.train.checkpoint import CheckpointError
 from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_cooldown_lambda
 
 
@@ -254,6 +255,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     world = WorldConfig(num_frames=cfg.num_frames)
     data = MovingDigits("train", world, seed=cfg.seed)
@@ -266,11 +268,19 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
     # Codec statistics from a fixed sample of training clips; a fine-tune of a teacher folder keeps
     # that folder's statistics (its weights were trained in those latents).
+    # A resumed run or a fine-tune keeps the latent space its weights were trained in: a teacher
+    # folder's codec, or the codec a checkpoint recorded (checkpoints written before 2026-12-02 did
+    # not record one and are refitted from this run's seed).
+    ckpt_path = out / "checkpoint.pt"
+    codec_cfg = None
     if cfg.init and Path(cfg.init).is_dir():
-        from anystep.models.codec import SpaceToDepthCodec
-
-        src = SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae")
-        codec = SpaceToDepthCodec.from_config({**src.config, "anchor_first_frame": cfg.anchor_first_frame})
+        codec_cfg = dict(SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae").config)
+    else:
+        src_ckpt = ckpt_path if ckpt_path.exists() else (Path(cfg.init) if cfg.init else None)
+        if src_ckpt is not None:
+            codec_cfg = torch.load(src_ckpt, weights_only=False).get("codec")
+    if codec_cfg is not None:
+        codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame})
     else:
         codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame)
     tokenizer = build_word_tokenizer()
@@ -289,11 +299,17 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     ema_text = EMA(text_encoder, cfg.ema_decay, cfg.ema_start) if cfg.train_text_encoder else None
 
     step = 0
-    ckpt_path = out / "checkpoint.pt"
     if cfg.init and not ckpt_path.exists():
         init = _init_state(cfg.init)
-        model.load_state_dict(init["model"])
-        text_encoder.load_state_dict(init["text_encoder"])
+        try:
+            model.load_state_dict(init["model"])
+            text_encoder.load_state_dict(init["text_encoder"])
+        except RuntimeError as e:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a refused run leaves no folder behind
+            kinds = [k for k in ("Missing key", "Unexpected key", "size mismatch") if k in str(e)]
+            raise CheckpointError(f"init={cfg.init} does not fit this run's transformer or text encoder "
+                                  f"({', '.join(kinds) or type(e).__name__}); match `transformer` to it") from None
         ema.load_state_dict(init["ema"])
         ema.start = cfg.ema_start
         if ema_text is not None and init.get("ema_text"):
@@ -324,6 +340,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
                 "ema_text": ema_text.state_dict() if ema_text else None,
                 "step": step,
                 "rng": rng_state(),
+                "codec": {k: v for k, v in codec.config.items() if not k.startswith("_")},
             },
             ckpt_path,
         )
@@ -369,9 +386,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         rec = {"step": step, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time": time.time() - t0}
         if sign_term is not None:
-            rec["sign_hinge"] = float(sign_term)
+            rec["sign_hinge"] = sign_term.item()
         if sep_term is not None:
-            rec["text_sep_hinge"] = float(sep_term)
+            rec["text_sep_hinge"] = sep_term.item()
         if step % cfg.probe_every == 0 or step == cfg.steps:
             model.eval()
             rec.update({f"probe_{k}": v for k, v in prompt_sensitivity(model, tokenizer, text_encoder, codec, world).items()})
