@@ -91,10 +91,12 @@ def _mirror_tokens(x: torch.Tensor, dim: int, patch: tuple[int, int, int]) -> to
 
 
 @torch.no_grad()
-def order_symmetry(net, emb: torch.Tensor, num_frames: int, sigma: float = 0.7, seed: int = 0) -> dict[str, float]:
-    """Relative output change under a reordering g of the tokens: |g^-1 net(g z) - net(z)| / |net(z)|."""
+def order_symmetry(net, emb: torch.Tensor, num_frames: int, sigma: float = 0.7, seed: int = 0,
+                   latent_hw: tuple[int, int] = (8, 8)) -> dict[str, float]:
+    """Relative output change under a reordering g of the tokens: |g^-1 net(g z) - net(z)| / |net(z)|.
+    ``latent_hw`` is the latent grid (the toy: a 32 px canvas through a 4x4 codec patch)."""
     cfg = net.config
-    h = w = 8
+    h, w = latent_hw
     z = torch.randn(len(emb), cfg.in_channels, num_frames, h, w, generator=torch.Generator().manual_seed(seed))
     t = torch.full((len(emb),), sigma * 1000.0)
     base = net(z, t, emb).sample
@@ -134,7 +136,9 @@ def main() -> None:
     net = model.transformer.eval()
     emb = encode_prompts(model.pipe.tokenizer, model.pipe.text_encoder, ["a red zero moving left", "a blue seven moving up"])
     random_net = WanTransformer3DModel.from_config(net.config).eval()
-    mine, rand = order_symmetry(net, emb, a.num_frames), order_symmetry(random_net, emb, a.num_frames)
+    side = WorldConfig().canvas // model.codec.config.patch
+    mine = order_symmetry(net, emb, a.num_frames, latent_hw=(side, side))
+    rand = order_symmetry(random_net, emb, a.num_frames, latent_hw=(side, side))
     print("relative output change when the tokens are reordered (0 = blind to that order), sigma 0.7:")
     print(f"  {'':20s} {'model':>8s} {'random':>8s}")
     for k in mine:

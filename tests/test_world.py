@@ -305,6 +305,14 @@ def test_order_symmetry_probe_sees_what_the_rotary_positions_see():
         base = net(z, t, emb).sample
         back = net(z.flip(2), t, emb).sample.flip(2)
     assert abs(sym["time reversed"] - float((back - base).norm() / base.norm())) < 1e-6
+    # Another latent grid (not the toy's 8x8): mirroring the columns of a 4x12 grid, computed directly.
+    wide = mod.order_symmetry(net, emb, num_frames=5, latent_hw=(4, 12))
+    z = torch.randn(2, 48, 5, 4, 12, generator=torch.Generator().manual_seed(0))
+    mirror = lambda v: v.unflatten(-1, (6, 2)).flip(-2).flatten(-2)  # 6 tokens of 2 columns, reversed
+    with torch.no_grad():
+        base = net(z, t, emb).sample
+        back = mirror(net(mirror(z), t, emb).sample)
+    assert abs(wide["columns mirrored"] - float((back - base).norm() / base.norm())) < 1e-6
 
 
 def test_reversed_direction_is_the_same_clip_played_backwards():
