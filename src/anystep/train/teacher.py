@@ -272,13 +272,11 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     # folder's codec, or the codec a checkpoint recorded (checkpoints written before 2026-12-02 did
     # not record one and are refitted from this run's seed).
     ckpt_path = out / "checkpoint.pt"
-    codec_cfg = None
-    if cfg.init and Path(cfg.init).is_dir():
+    resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    init = _init_state(cfg.init) if cfg.init and resume is None else None
+    codec_cfg = (resume or init or {}).get("codec")
+    if codec_cfg is None and cfg.init and Path(cfg.init).is_dir():
         codec_cfg = dict(SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae").config)
-    else:
-        src_ckpt = ckpt_path if ckpt_path.exists() else (Path(cfg.init) if cfg.init else None)
-        if src_ckpt is not None:
-            codec_cfg = torch.load(src_ckpt, weights_only=False).get("codec")
     if codec_cfg is not None:
         codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame})
     else:
@@ -299,8 +297,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     ema_text = EMA(text_encoder, cfg.ema_decay, cfg.ema_start) if cfg.train_text_encoder else None
 
     step = 0
-    if cfg.init and not ckpt_path.exists():
-        init = _init_state(cfg.init)
+    if init is not None:
         try:
             model.load_state_dict(init["model"])
             text_encoder.load_state_dict(init["text_encoder"])
@@ -315,8 +312,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         if ema_text is not None and init.get("ema_text"):
             ema_text.load_state_dict(init["ema_text"])
             ema_text.start = cfg.ema_start
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+    if resume is not None:
+        state = resume
         model.load_state_dict(state["model"])
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
