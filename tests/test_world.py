@@ -118,6 +118,29 @@ def test_anchored_codec_negates_frame_zero_and_round_trips(tmp_path):
     assert again.config.anchor_first_frame and torch.equal(again.pixels_to_latents(videos), z1)
 
 
+def test_offset_anchor_shifts_frame_zero_by_one_std_and_round_trips(tmp_path):
+    ds = MovingDigits("train")
+    videos = torch.from_numpy(ds.batch(range(16))[0])
+    plain, offset = fit_codec(videos), fit_codec(videos, first_frame_offset=1.0)
+    z0, z1 = plain.pixels_to_latents(videos), offset.pixels_to_latents(videos)
+    # Frame 0 keeps its shape (the same latent up to a constant of one normalised unit); the rest
+    # are untouched, and decoding removes the shift exactly.
+    assert torch.allclose(z1[:, 0] - z0[:, 0], torch.ones_like(z0[:, 0]), atol=1e-5)
+    assert torch.equal(z1[:, 1:], z0[:, 1:])
+    assert torch.allclose(offset.latents_to_pixels(z1), videos, atol=1e-5)
+    assert not torch.allclose(offset.pixels_to_latents(videos.flip(1)), z1.flip(1), atol=1e-2)
+    post = offset.encode(videos.permute(0, 2, 1, 3, 4)).latent_dist.mode()
+    assert torch.allclose(offset.decode(post).sample, videos.permute(0, 2, 1, 3, 4), atol=1e-6)
+    offset.save_pretrained(tmp_path / "vae")
+    again = SpaceToDepthCodec.from_pretrained(tmp_path / "vae")
+    assert again.config.first_frame_offset == 1.0 and torch.equal(again.pixels_to_latents(videos), z1)
+    # Both anchors at once compose: negate, then shift; decoding undoes them in reverse order.
+    both = fit_codec(videos, anchor_first_frame=True, first_frame_offset=1.0)
+    zb = both.pixels_to_latents(videos)
+    assert torch.allclose(zb[:, 0], 1.0 - z0[:, 0], atol=1e-5)
+    assert torch.allclose(both.latents_to_pixels(zb), videos, atol=1e-5)
+
+
 def test_tokenizer_and_text_encoder(tmp_path):
     from transformers import AutoTokenizer
 
@@ -235,7 +258,7 @@ def test_teacher_fine_tune_starts_from_init_and_trains_on_long_clips(tmp_path, m
 
 def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
     """init= also takes a teacher folder (the shipped models/toy-teacher is one): a zero learning
-    rate keeps its weights, and anchor_first_frame reaches the written folder's codec."""
+    rate keeps its weights, and anchor_first_frame / first_frame_offset reach the written folder's codec."""
     from conftest import make_tiny_teacher
 
     from anystep.sampling import load_model
@@ -244,10 +267,10 @@ def test_teacher_fine_tune_from_a_folder_with_the_anchored_codec(tmp_path):
     src = load_model(make_tiny_teacher(tmp_path / "a", steps=2))  # seed 0's codec statistics
     assert not src.codec.config.anchor_first_frame
     out = train_teacher(TeacherConfig(out=str(tmp_path / "b"), init=str(tmp_path / "a" / "model"), steps=1,
-                                      batch_size=2, lr=0.0, anchor_first_frame=True, seed=5, probe_every=1000,
-                                      ckpt_every=1000))
+                                      batch_size=2, lr=0.0, anchor_first_frame=True, first_frame_offset=0.5, seed=5,
+                                      probe_every=1000, ckpt_every=1000))
     got = load_model(out)
-    assert got.codec.config.anchor_first_frame
+    assert got.codec.config.anchor_first_frame and got.codec.config.first_frame_offset == 0.5
     assert got.codec.config.latents_mean == src.codec.config.latents_mean  # the folder's latent space is kept
     for (k, v), w in zip(src.transformer.state_dict().items(), got.transformer.state_dict().values()):
         assert torch.equal(v, w), k
@@ -395,3 +418,24 @@ def test_text_separation_hinge_pulls_merged_directions_apart():
         opt.step()
     assert reversed_distance() > 50 * start
     assert hinge(0.5).item() < 0.4
+
+
+@pytest.mark.parametrize("name,offset", [("toy-teacher", 0.0), ("toy-teacher-anchored", 1.0)])
+def test_shipped_teacher_folders_load_and_their_codecs_round_trip(name, offset):
+    """Both shipped teachers are WanPipeline folders; the anchored one's codec shifts frame 0 by one
+    std (README, "The offset anchor"), and real clips survive its round trip."""
+    from anystep.sampling import generate_latents, load_model
+
+    folder = Path(__file__).resolve().parents[1] / "models" / name
+    model = load_model(folder)
+    assert model.kind == "teacher" and type(model.pipe).__name__ == "WanPipeline"
+    codec = model.codec
+    assert float(codec.config.first_frame_offset) == offset and not codec.config.anchor_first_frame
+    videos = torch.from_numpy(MovingDigits("heldout").batch(range(4))[0])
+    z = codec.pixels_to_latents(videos)
+    assert torch.allclose(codec.latents_to_pixels(z), videos, atol=1e-5)
+    # Frame 0's mean over a clip sits `offset` above the later frames' (the digit covers little area).
+    gap = float(z[:, 0].mean() - z[:, 1:].mean())
+    assert abs(gap - offset) < 0.1
+    lat = generate_latents(model, ["a red zero moving left"], 1, seed=0, num_frames=7)
+    assert lat.shape == (1, 7, 48, 8, 8) and torch.isfinite(lat).all()

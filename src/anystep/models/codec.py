@@ -12,6 +12,13 @@ real Wan VAE (its causal encoder gives frame 0 a latent of its own, every later 
 frames): frame 0 is stored negated about the channel mean. Wan's transformer has only relative
 (rotary) positions, so without such an anchor nothing in a clip tells it which end comes first, and a
 clip played backwards is as likely as the clip itself (README, teacher provenance).
+
+``first_frame_offset`` is a gentler anchor: frame 0 is shifted by that many channel standard
+deviations instead of negated. Negation flips the digit's sign (a bright digit is about +6 in the
+normalised space, the black background -0.2), so a network has to relearn the subject's appearance for
+one frame; an offset leaves the shape as it is and asks only for a position-dependent constant, which
+is still what a prediction from pure noise must get right, so the network still needs to know which
+frame is first.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         scale_factor_spatial: int | None = None,
         scale_factor_temporal: int = 1,
         anchor_first_frame: bool = False,
+        first_frame_offset: float = 0.0,
     ):
         super().__init__()
         z_dim = in_channels * patch * patch
@@ -83,9 +91,25 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         first = 2.0 * mean[:, :, 0] - z[:, :, 0]
         return torch.cat([first.unsqueeze(2).to(z.dtype), z[:, :, 1:]], dim=2)
 
+    def offset_first_frame(self, z: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """Codec-space latents with ``sign * first_frame_offset`` channel stds added to frame 0
+        (+1 when encoding, -1 when decoding). Identity when the offset is 0."""
+        c = float(self.config.first_frame_offset)
+        if c == 0.0 or z.shape[2] == 0:
+            return z
+        _, std = self._stats(z)
+        first = z[:, :, 0] + sign * c * std[:, :, 0]
+        return torch.cat([first.unsqueeze(2).to(z.dtype), z[:, :, 1:]], dim=2)
+
+    def mark_first_frame(self, z: torch.Tensor) -> torch.Tensor:
+        return self.offset_first_frame(self.reflect_first_frame(z), 1.0)
+
+    def unmark_first_frame(self, z: torch.Tensor) -> torch.Tensor:
+        return self.reflect_first_frame(self.offset_first_frame(z, -1.0))
+
     # -- AutoencoderKLWan-compatible API -----------------------------------------------------------
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        mu = self.reflect_first_frame(self.space_to_depth(video))
+        mu = self.mark_first_frame(self.space_to_depth(video))
         # Zero log-variance moments: the posterior is a point mass (mean == mode == sample).
         return torch.cat([mu, torch.full_like(mu, -30.0)], dim=1)
 
@@ -96,7 +120,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         return AutoencoderKLOutput(latent_dist=posterior)
 
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
-        video = self.depth_to_space(self.reflect_first_frame(latents)).clamp(-1.0, 1.0)
+        video = self.depth_to_space(self.unmark_first_frame(latents)).clamp(-1.0, 1.0)
         if not return_dict:
             return (video,)
         return DecoderOutput(sample=video)
@@ -109,7 +133,7 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
 
     def pixels_to_latents(self, video: torch.Tensor) -> torch.Tensor:
         """(B, F, C, H, W) pixels -> normalised latents (B, F, Z, h, w), the AnyFlow layout."""
-        z = self.reflect_first_frame(self.space_to_depth(video.permute(0, 2, 1, 3, 4).float()))
+        z = self.mark_first_frame(self.space_to_depth(video.permute(0, 2, 1, 3, 4).float()))
         mean, std = self._stats(z)
         return ((z - mean) / std).permute(0, 2, 1, 3, 4)
 
@@ -120,7 +144,8 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         return self.decode(z * std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)
 
 
-def fit_codec(videos: torch.Tensor, patch: int = 4, anchor_first_frame: bool = False) -> SpaceToDepthCodec:
+def fit_codec(videos: torch.Tensor, patch: int = 4, anchor_first_frame: bool = False,
+              first_frame_offset: float = 0.0) -> SpaceToDepthCodec:
     """A codec whose per-channel statistics are measured on ``videos`` (B, F, C, H, W) pixels.
 
     Statistics are pooled over the p*p sub-pixels of each colour channel, so that every latent
@@ -131,4 +156,4 @@ def fit_codec(videos: torch.Tensor, patch: int = 4, anchor_first_frame: bool = F
     mean = flat.mean(1).repeat_interleave(patch * patch)
     std = flat.std(1).clamp_min(1e-3).repeat_interleave(patch * patch)
     return SpaceToDepthCodec(in_channels=c, patch=patch, latents_mean=mean.tolist(), latents_std=std.tolist(),
-                             anchor_first_frame=anchor_first_frame)
+                             anchor_first_frame=anchor_first_frame, first_frame_offset=first_frame_offset)

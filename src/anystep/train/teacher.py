@@ -73,6 +73,8 @@ class TeacherConfig:
     # The codec marks the first latent frame as the Wan VAE's causal encoder does (codec.py): an
     # absolute temporal anchor for a transformer whose positions are all relative.
     anchor_first_frame: bool = False
+    # The gentler anchor (codec.py): frame 0 shifted by this many channel stds, its shape kept.
+    first_frame_offset: float = 0.0
     seed: int = 0
     log_every: int = 25
     probe_every: int = 250
@@ -147,14 +149,14 @@ def temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts) -> float
 
 
 def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float = 5.0, num_frames: int = 7, seed: int = 0,
-                           anchor_first_frame: bool = False) -> Path:
+                           anchor_first_frame: bool = False, first_frame_offset: float = 0.0) -> Path:
     """Write a teacher folder from a training checkpoint (EMA weights by default)."""
     from anystep.models.folders import save_teacher_folder
 
     state = torch.load(ckpt_path, weights_only=False)
     world = WorldConfig(num_frames=num_frames)
     codec = fit_codec(torch.from_numpy(MovingDigits("train", world, seed=seed).batch(range(256))[0]),
-                      anchor_first_frame=anchor_first_frame)
+                      anchor_first_frame=anchor_first_frame, first_frame_offset=first_frame_offset)
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer))
     text_encoder.load_state_dict(state["text_encoder"])
@@ -278,9 +280,11 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if codec_cfg is None and cfg.init and Path(cfg.init).is_dir():
         codec_cfg = dict(SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae").config)
     if codec_cfg is not None:
-        codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame})
+        codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame,
+                                               "first_frame_offset": cfg.first_frame_offset})
     else:
-        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame)
+        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame,
+                          first_frame_offset=cfg.first_frame_offset)
     tokenizer = build_word_tokenizer()
     text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
     text_encoder.requires_grad_(cfg.train_text_encoder)
