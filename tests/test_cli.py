@@ -112,6 +112,32 @@ def test_eval_honours_num_frames(teacher_dir, tmp_path, capsys):
     assert not (tmp_path / "e").exists()
 
 
+def test_eval_guidance_scale_reaches_the_sampler_and_the_json(teacher_dir, tmp_path, capsys):
+    """--guidance-scale: the clips are the ones generate() makes at that scale, the JSON says which
+    scale made them, a rerun at another scale does not reuse them, and a guidance-fused flow-map
+    student refuses it in one line."""
+    from anystep.sampling import generate, load_model
+
+    base = ["eval", "--model", str(teacher_dir), "--steps", "1", "--n-prompts", "2"]
+    assert main(base + ["--out", str(tmp_path / "g4")]) == 0
+    assert main(base + ["--guidance-scale", "1.0", "--out", str(tmp_path / "g1")]) == 0
+    g4, g1 = (json.loads((tmp_path / d / "toybench.json").read_text()) for d in ("g4", "g1"))
+    assert g4["guidance_scale"] == 4.0 and g1["guidance_scale"] == 1.0
+    s1, s4 = np.load(tmp_path / "g1" / "samples_1.npy"), np.load(tmp_path / "g4" / "samples_1.npy")
+    assert not np.allclose(s1, s4, atol=1e-2)
+    prompts = [p["prompt"] for p in g1["prompts"]]
+    ref = generate(load_model(teacher_dir), prompts, 1, seed=g1["prompts"][0]["seed"], guidance_scale=1.0)
+    assert np.allclose(s1.astype(np.float32), ref.numpy(), atol=2e-3)  # samples are stored as float16
+    capsys.readouterr()
+    student = tmp_path / "student"
+    assert main(["student", "--teacher", str(teacher_dir), "--out", str(student)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "gs"
+    assert main(["eval", "--model", str(student), "--steps", "1", "--guidance-scale", "3", "--out", str(out)]) == 2
+    assert "guidance-fused" in _err(capsys)
+    assert not out.exists()
+
+
 def test_train_dry_run_and_bad_override(tmp_path, capsys):
     assert main(["train", "teacher", "--config", "configs/toy/teacher.yaml", "--dry-run", "steps=7", "lr=1e-3"]) == 0
     out = capsys.readouterr().out

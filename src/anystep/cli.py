@@ -191,7 +191,8 @@ def cmd_eval(args) -> int:
             domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
     try:
         result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
-                              num_frames=args.num_frames, context_frames=args.context_frames, **domain)
+                              num_frames=args.num_frames, context_frames=args.context_frames,
+                              guidance_scale=args.guidance_scale, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
@@ -455,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", default=None, help="vbench: prompt file (names the videos)")
     e.add_argument("--augmented", default=None, help="vbench: augmented prompts, line by line, fed to the model")
     e.add_argument("--num-frames", type=int, default=None)
+    e.add_argument("--guidance-scale", type=float, default=None,
+                   help="toybench: CFG of a teacher / flow-matching student (default 4.0)")
     e.add_argument("--context-frames", type=int, default=0,
                    help="toybench, FAR models: continue the first N frames of each prompt's real clip (1 = image-to-video)")
     e.add_argument("--height", type=int, default=32)

@@ -490,25 +490,27 @@ def plot_toybench(result: dict, path) -> None:
 
 
 def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames: int, batch_size: int,
-                  context: torch.Tensor | None = None) -> np.ndarray:
+                  context: torch.Tensor | None = None, guidance_scale: float | None = None) -> np.ndarray:
     from anystep.sampling import generate
 
     if context is not None:
-        return _generate_conditioned(model, prompts, steps, num_frames, batch_size, context)
+        return _generate_conditioned(model, prompts, steps, num_frames, batch_size, context, guidance_scale)
+    g = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
             # generate() draws clip i of a batch from seed + i: a contiguous run batches exactly.
-            out.append(_as_numpy(generate(model, texts, steps, seed=seeds[0], num_frames=num_frames)))
+            out.append(_as_numpy(generate(model, texts, steps, seed=seeds[0], num_frames=num_frames, **g)))
         else:
             for t, sd in zip(texts, seeds):
-                out.append(_as_numpy(generate(model, [t], steps, seed=sd, num_frames=num_frames)))
+                out.append(_as_numpy(generate(model, [t], steps, seed=sd, num_frames=num_frames, **g)))
     return np.concatenate(out)
 
 
-def _generate_conditioned(model, prompts, steps: int, num_frames: int, batch_size: int, context: torch.Tensor) -> np.ndarray:
+def _generate_conditioned(model, prompts, steps: int, num_frames: int, batch_size: int, context: torch.Tensor,
+                          guidance_scale: float | None = None) -> np.ndarray:
     """FAR models continuing given first chunks: clip i from its own context row and seed."""
     import torch
 
@@ -521,9 +523,11 @@ def _generate_conditioned(model, prompts, steps: int, num_frames: int, batch_siz
         texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
         ctx = context[s : s + len(chunk)]
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-            lat = generate_causal(model, texts, steps, seed=seeds[0], num_frames=num_frames, context=ctx)
+            lat = generate_causal(model, texts, steps, seed=seeds[0], num_frames=num_frames, context=ctx,
+                                  guidance_scale=guidance_scale)
         else:
-            lat = torch.cat([generate_causal(model, [t], steps, seed=sd, num_frames=num_frames, context=ctx[i : i + 1])
+            lat = torch.cat([generate_causal(model, [t], steps, seed=sd, num_frames=num_frames, context=ctx[i : i + 1],
+                                             guidance_scale=guidance_scale)
                              for i, (t, sd) in enumerate(zip(texts, seeds))])
         out.append(_as_numpy(latents_to_video(model, lat)))
     return np.concatenate(out)
@@ -573,6 +577,7 @@ def run_toybench(
     colors: tuple[str, ...] | None = None,
     directions: tuple[str, ...] | None = None,
     context_frames: int = 0,
+    guidance_scale: float | None = None,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -595,15 +600,24 @@ def run_toybench(
     frames included: image-to-video ToyBench with 1, video-to-video with more. It must end on a
     chunk boundary (1, 4, 7 or 10 for the partition 1,3,3,3,3).
 
+    ``guidance_scale`` sets the classifier-free guidance of models sampled with Euler + CFG (a
+    teacher, a flow-matching student; default 4.0) and is recorded in the JSON; flow-map and
+    consistency students are guidance-fused, so a value for them is a ``ValueError``.
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
-    from anystep.sampling import load_model, nfe
+    from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, load_model, nfe
 
     model_folder = Path(model_folder)
     out_dir = Path(out_dir) if out_dir is not None else model_folder.parent / "toybench"
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_folder)
+    guided = model.kind == "teacher" or model.sampler == "euler_cfg"
+    if guidance_scale is not None and not guided:
+        raise ValueError(f"{model_folder} is a guidance-fused {model.sampler} student: --guidance-scale "
+                         "applies to teachers and flow-matching students only")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    effective_g = (DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else float(guidance_scale)) if guided else None
     num_frames = int(num_frames or default_num_frames(model))
     domain = {k: tuple(v) for k, v in (("colors", colors), ("directions", directions)) if v}
     world = WorldConfig(num_frames=num_frames, **domain)  # a shifted domain: other colours / directions
@@ -620,6 +634,7 @@ def run_toybench(
         "toybench_version": TOYBENCH_VERSION,
         "num_frames": num_frames,
         "context_frames": int(context_frames),
+        "guidance_scale": effective_g,
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
         "real": {k: v for k, v in real.items() if k != "per_clip"},
         "results": {},
@@ -627,8 +642,10 @@ def run_toybench(
     old = out_dir / "toybench.json"
     if reuse and old.exists():
         prev = json.loads(old.read_text())
-        same = all(prev.get(k, 0 if k == "context_frames" else None) == result[k]
-                   for k in ("prompts", "num_frames", "kind", "context_frames"))
+        # A JSON written before guidance was recorded used the default.
+        was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None}
+        same = all(prev.get(k, was.get(k)) == result[k]
+                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
@@ -636,7 +653,7 @@ def run_toybench(
         if str(s) in result["results"]:
             continue
         t0 = time.time()
-        videos = _generate_all(model, prompts, s, num_frames, batch_size, context)
+        videos = _generate_all(model, prompts, s, num_frames, batch_size, context, guidance_scale)
         gen_s = time.time() - t0
         sc = score_videos(videos, texts, world)
         row = {"steps": s, "nfe": int(nfe(model, s))}
