@@ -1,6 +1,7 @@
 """`anystep reproduce`: the report builder, the bootstrap, reuse of finished work, the pipeline's plumbing."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,15 @@ def test_pipeline_writes_every_artefact(tiny_run):
     assert list(i2v["flow_matching"]) == ["2"] and list(i2v["anyflow"]) == ["4"]
     assert json.loads((out / "eval/causal/anyflow_i2v/toybench.json").read_text())["context_frames"] == 1
     assert "causal: image-to-video" in (out / "report.md").read_text()
+    # Each architecture's students start from (and are scored by) a teacher fine-tune on their own
+    # clip length; the fine-tuned teacher stays bidirectional.
+    job = lambda name: json.loads((out / name / "reproduce_job.json").read_text())["config"]  # noqa: E731
+    ft = job("causal/teacher_ft")
+    assert (ft["num_frames"], ft["causal"], ft["method"]) == (13, False, "flow_matching")
+    assert job("teacher_ft")["num_frames"] == 7
+    for name in ("causal/anyflow", "causal/stage1", "causal/flow_matching", "causal/consistency_init"):
+        assert job(name)["teacher"] == str(out / "causal/teacher_ft/model"), name
+    assert job("bidirectional/anyflow")["teacher"] == str(out / "teacher_ft/model")
 
 
 def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monkeypatch):
@@ -131,6 +141,11 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
     assert "over 2 invocations" in (out / "report.md").read_text()
     assert again["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"] == \
         res["architectures"]["causal"]["methods"]["anyflow"]["sweep"]["4"]["Total"]
+    # The same bytes under another folder name (a renamed teacher folder) are the same teacher.
+    renamed = teacher.parent / "teacher_renamed"
+    shutil.copytree(teacher, renamed)
+    rp.reproduce(out, quick=True, teacher=renamed, budget=budget, measure_cost=False, progress=lambda m: None)
+    assert calls == []
     monkeypatch.undo()
     with pytest.raises(rp.SettingsChanged, match="different settings"):
         rp.reproduce(out, quick=True, teacher=teacher, budget=replace(budget, stage1=3), measure_cost=False,
