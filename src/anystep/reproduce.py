@@ -116,6 +116,7 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
         # itself stays bidirectional: it scores whole clips.
         t = str(teacher)
         if budget.teacher_ft > 0:
+            # The bidirectional one keeps its top-level name, so runs made before the split still reuse it.
             name = "teacher_ft" if not causal else f"{arch}/teacher_ft"
             t = job(name, "stage1", s1, method="flow_matching", teacher=str(teacher), steps=budget.teacher_ft,
                     num_frames=geo["num_frames"], causal=False)
