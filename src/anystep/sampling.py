@@ -157,8 +157,11 @@ def _generate_latents(
             raise ValueError(f"{model.folder}: {e}") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            # use_kv_cache stated, not defaulted: diffusers 0.42.1's use_kv_cache=False path unpacks two
+            # values from a training forward that returns one and fails.
             out = model.pipe(
-                latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, chunk_partition=partition, **common
+                latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, chunk_partition=partition, use_kv_cache=True,
+                **common,
             )[0]
         return out.permute(0, 2, 1, 3, 4)
     raise ValueError(f"unknown model kind {model.kind!r}")
