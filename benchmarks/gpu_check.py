@@ -36,7 +36,13 @@ import torch
 from anystep.flow.schedule import sampling_grid
 from anystep.flow.stage1 import sample_types
 from anystep.flow.stage2 import dmd_gradient, dmd_loss, x0_from_velocity
-from anystep.models.far_train import far_attention_kind, far_flow_map_velocity, use_dense_far_attention, use_flex_far_attention
+from anystep.models.far_train import (
+    far_attention_kind,
+    far_flow_map_velocity,
+    use_compiled_flex_far_attention,
+    use_dense_far_attention,
+    use_flex_far_attention,
+)
 from anystep.models.lora import add_student_lora
 from anystep.models.students import flow_map_velocity, student_from_teacher, teacher_velocity
 from anystep.models.wan_layout import TINY_TRANSFORMER, WAN_TRANSFORMERS
@@ -54,13 +60,16 @@ LORA_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn
 # Sides divisible by the compressed context patch (4) so the FAR layout has compressed chunks.
 SHAPES = {
     "cuda": dict(transformer=WAN_TRANSFORMERS["wan1.3b"], check_latent=(9, 16, 32, 56), far_part=(1, 2, 2, 2, 2),
-                 cost_latent=(21, 16, 60, 104), text_tokens=512, lora_rank=256, tol=3e-2),
+                 cost_latent=(21, 16, 60, 104), cost_far_part=(1, 3, 3, 3, 3, 3, 3, 2), text_tokens=512,
+                 lora_rank=256, tol=3e-2),
     "cpu": dict(transformer=TINY_TRANSFORMER, check_latent=(5, 16, 8, 8), far_part=(1, 1, 1, 1, 1),
-                cost_latent=(3, 16, 8, 8), text_tokens=16, lora_rank=4, tol=1e-5),
+                cost_latent=(5, 16, 8, 8), cost_far_part=(1, 1, 1, 1, 1), text_tokens=16, lora_rank=4, tol=1e-5),
 }
 # Paper Table 5, bidirectional column (s/iter, Wan2.1-1.3B, batch 16 on 8 x H100).
 PAPER_TABLE5 = {"flow_matching": 9.7, "guidance_fused": 12.3, "stage1_full": 16.8, "consistency_bs_4": 41.8,
                 "flowmap_bs_4": 51.2, "consistency_bs_16": 96.6, "flowmap_bs_16": 51.2}
+# The causal column (FAR); the eager-flex row has no paper counterpart.
+PAPER_TABLE5_CAUSAL = {"causal_flow_matching": 5.8, "causal_stage1_full": 10.4, "causal_stage1_full_eager_flex": None}
 # A floor on the free GPU memory the Wan-1.3B cost rows need at batch 2 (weights of student, teacher
 # and critic in bf16, LoRA optimiser states, checkpointed activations of three jumps + Stage 1).
 NEED_GIB = 60
@@ -172,11 +181,14 @@ def network_checks(report, device, dtype, s):
         with torch.no_grad():
             use_flex_far_attention(far)
             u_flex = far_flow_map_velocity(far, z, t_frames, t_frames * 0.5, emb, part, clean)
+            use_compiled_flex_far_attention(far)
+            u_comp = far_flow_map_velocity(far, z, t_frames, t_frames * 0.5, emb, part, clean)
             use_dense_far_attention(far)
             u_dense = far_flow_map_velocity(far, z, t_frames, t_frames * 0.5, emb, part, clean)
         use_flex_far_attention(far)
-        e = rel_err(u_flex, u_dense)
-        return e <= tol, f"teacher-forcing forward {list(part)}: flex vs dense mask rel err {e:.2e}"
+        e, e_comp = rel_err(u_flex, u_dense), rel_err(u_comp, u_dense)
+        return max(e, e_comp) <= tol, (f"teacher-forcing forward {list(part)}: rel err to the dense mask: stock flex "
+                                       f"{e:.2e}, {'compiled' if device.type == 'cuda' else 'eager'} flex kernel {e_comp:.2e}")
 
     def kv_cache():
         prepare_far_for_rollout(far)
@@ -415,12 +427,7 @@ def cost_rows(report, device, dtype, s, batch):
     report.data["info"].update(cost_batch=batch, cost_latent=list(latent), lora_rank=s["lora_rank"])
     flow_matching()  # warm-up: kernels, allocator, cuDNN/cuBLAS plans
     for name, fn in rows:
-        try:
-            report.data["cost"][name] = timed(fn, device)
-        except Exception as e:
-            report.data["cost"][name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
-        print(f"cost  {name}: {report.data['cost'][name]}", flush=True)
-        report.flush()
+        _cost_row(report, name, fn, device)
 
     del critic, s_opt, c_opt
     student.disable_gradient_checkpointing()
@@ -446,6 +453,58 @@ def cost_rows(report, device, dtype, s, batch):
             report.data["cost"][name] = timed(fn, device, warm=False)
             print(f"cost  {name}: {report.data['cost'][name]}", flush=True)
             report.flush()
+
+
+def causal_cost_rows(report, device, dtype, s, batch):
+    """Forward training of the causal student at the reference FAR layout (all chunks, clean copy,
+    compressed context), flex compiled; the last row repeats Stage 1 with eager flex, the
+    unfused path diffusers takes by itself, to show what compiling saves."""
+    shape, latent = s["transformer"], s["cost_latent"]
+    part = s["cost_far_part"]
+    teacher = build_teacher(shape, device, dtype)
+    far = student_from_teacher(teacher, causal=True, chunk_partition=part)
+    del teacher
+    add_student_lora(far, s["lora_rank"], s["lora_rank"], LORA_TARGETS)
+    far.enable_gradient_checkpointing()
+    far.train()
+    prepare_far_for_rollout(far)
+    params = [p for p in far.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-7)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *latent, device=device)
+    cond = torch.randn(batch, s["text_tokens"], shape["text_dim"], device=device)
+    null = torch.zeros_like(cond)
+    cfg = Stage1Config()
+    net = lambda z, t, r, e, cl: far_flow_map_velocity(far, z, t, r, e, part, cl)  # noqa: E731
+
+    def step(loss):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rows = [("causal_flow_matching", lambda: step(flow_matching_loss(net, x, cond, null, cfg, gen)[0])),
+            ("causal_stage1_full", lambda: step(flowmap_loss(net, x, cond, null, cfg, gen, sample_types(batch))[0]))]
+    report.data["info"].update(causal_part=list(part), causal_attention=far_attention_kind(far))
+    rows[0][1]()  # warm-up, and the flex compilation for this layout
+    for name, fn in rows:
+        _cost_row(report, name, fn, device)
+    os.environ["ANYSTEP_FLEX_COMPILE"] = "0"
+    try:
+        _cost_row(report, "causal_stage1_full_eager_flex", rows[1][1], device)
+    finally:
+        os.environ.pop("ANYSTEP_FLEX_COMPILE")
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _cost_row(report, name, fn, device):
+    try:
+        report.data["cost"][name] = timed(fn, device)
+    except Exception as e:  # an out-of-memory row is a result, not a crash
+        report.data["cost"][name] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    print(f"cost  {name}: {report.data['cost'][name]}", flush=True)
+    report.flush()
 
 
 def precision(device) -> str:
@@ -477,10 +536,22 @@ def print_cost_table(report):
         ratio = f"{row['s'] / base:.2f}" if base else "-"
         print(f"{name:<20} {row['s']:>6.2f}   {row.get('peak_gib', '-')!s:>8}   {ratio:>15}   "
               f"{paper / PAPER_TABLE5['flow_matching']:.2f} ({paper})")
+    causal_base = cost.get("causal_flow_matching", {}).get("s")
+    for name, paper in PAPER_TABLE5_CAUSAL.items():
+        row = cost.get(name)
+        if row is None:
+            continue
+        if "s" not in row:
+            print(f"{name:<20} {row.get('error', 'not measured')}")
+            continue
+        ratio = f"{row['s'] / causal_base:.2f}" if causal_base else "-"
+        paper_x = f"{paper / PAPER_TABLE5_CAUSAL['causal_flow_matching']:.2f} ({paper})" if paper else "-"
+        print(f"{name:<20} {row['s']:>6.2f}   {row.get('peak_gib', '-')!s:>8}   {ratio:>15}   {paper_x}")
     t, a = cost.get("sample_teacher_50x2", {}).get("s"), cost.get("sample_anyflow_4", {}).get("s")
     if t and a:
         print(f"sampling one clip: teacher 50x2 NFE {t:.2f} s, AnyFlow 4 NFE {a:.2f} s: {t / a:.1f}x faster")
-    report.data["cost_ratios"] = {k: round(v["s"] / base, 3) for k, v in cost.items() if "s" in v and base}
+    report.data["cost_ratios"] = {k: round(v["s"] / (causal_base if k.startswith("causal") else base), 3)
+                                  for k, v in cost.items() if "s" in v and (causal_base if k.startswith("causal") else base)}
     report.flush()
 
 
@@ -489,7 +560,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     ap.add_argument("--json", default=None, help="write the results here as JSON")
     ap.add_argument("--batch", type=int, default=2, help="per-GPU batch of the cost rows (paper: 16 on 8 GPUs = 2)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: network,cli,cost")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: network,cli,cost,causal_cost")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.device == "auto":
@@ -523,6 +594,12 @@ def main(argv=None) -> int:
     if "cost" not in skip:
         with amp():
             cost_rows(report, device, dtype, s, args.batch)
+    if "causal_cost" not in skip and device.type == "cpu":
+        causal_cost_rows(report, device, dtype, s, args.batch)  # the dense fallback: flex has no CPU backward
+    elif "causal_cost" not in skip:
+        with amp():
+            causal_cost_rows(report, device, dtype, s, args.batch)
+    if report.data["cost"]:
         print_cost_table(report)
     report.data["info"]["wall_s"] = round(time.perf_counter() - t0, 1)
     report.flush()

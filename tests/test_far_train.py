@@ -23,6 +23,7 @@ from anystep.models.far_train import (
     far_attention_mask,
     far_flow_map_velocity,
     far_layout,
+    use_compiled_flex_far_attention,
     use_dense_far_attention,
     use_flex_far_attention,
 )
@@ -171,6 +172,24 @@ def test_dense_forward_equals_flex(wan, far, head_dim):
     use_flex_far_attention(model)
     print(f"max |dense - flex| (head_dim {head_dim}) = {worst:.2e}")
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("head_dim", [16, 8])
+def test_flex_kernel_equals_dense(wan, far, head_dim):
+    """The CUDA training processor (flex over the BlockMask, compiled there, eager here) computes
+    what the dense SDPA processor computes, with and without the clean copy, padding and all."""
+    model = far if head_dim == 16 else _far(_tiny_wan(attention_head_dim=8))
+    z, x, emb, t, r = _inputs()
+    with torch.no_grad():
+        for part in PARTITIONS + [(7,)]:
+            for clean in (None, x):
+                use_dense_far_attention(model)
+                u_dense = far_flow_map_velocity(model, z, t, r, emb, part, clean)
+                use_compiled_flex_far_attention(model)
+                assert far_attention_kind(model) == "flex_compiled"
+                u_flex = far_flow_map_velocity(model, z, t, r, emb, part, clean)
+                assert (u_flex - u_dense).abs().max() <= 1e-5, (part, clean is None)
+    use_flex_far_attention(model)
 
 
 # -- training on CPU -----------------------------------------------------------------------------
@@ -398,9 +417,11 @@ def test_processor_switching(far):
     use_dense_far_attention(far)  # idempotent
     assert [b.attn1.processor for b in far.blocks] == dense
     far_attention_for_device(far, "cuda")  # only swaps processors; no GPU needed
-    assert [b.attn1.processor for b in far.blocks] == stock
+    assert far_attention_kind(far) == "flex_compiled"
+    assert [b.attn1.processor.flex_processor for b in far.blocks] == stock  # the KV-cache delegate
     use_flex_far_attention(far)
     assert far_attention_kind(far) == "flex"
+    assert [b.attn1.processor for b in far.blocks] == stock
     with pytest.raises(TypeError, match="AnyFlowFARTransformer3DModel"):
         use_dense_far_attention(student_from_teacher(_tiny_wan()))
 

@@ -99,6 +99,7 @@ import torch
 import torch.nn.functional as F
 
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS
+from anystep.models.flex_kernel import flex_attend
 from anystep.models.students import _as_partition, _padding_masked_processor_cls, _per_frame
 
 __all__ = [
@@ -109,6 +110,7 @@ __all__ = [
     "far_attention_mask",
     "far_flow_map_velocity",
     "far_layout",
+    "use_compiled_flex_far_attention",
     "use_dense_far_attention",
     "use_flex_far_attention",
 ]
@@ -246,6 +248,12 @@ def far_attention_mask(
 _DENSE_OF_BLOCK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _is_block_mask(mask) -> bool:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return isinstance(mask, BlockMask)
+
+
 def _dense_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
     if attention_mask is None:
         return None
@@ -287,10 +295,13 @@ def _dense_processor_cls():
         restores it.
         """
 
-        def __init__(self, dense_kv_cache: bool = True, flex_processor=None):
+        def __init__(self, dense_kv_cache: bool = True, flex_processor=None, kernel: str = "sdpa"):
             super().__init__()
+            if kernel not in ("sdpa", "flex"):
+                raise ValueError(f"kernel must be 'sdpa' or 'flex', got {kernel!r}")
             self.dense_kv_cache = bool(dense_kv_cache)
             self.flex_processor = flex_processor
+            self.kernel = kernel
 
         def __call__(
             self,
@@ -342,8 +353,11 @@ def _dense_processor_cls():
                 query = apply_rotary_emb(query, rotary_emb["query"])
                 key = apply_rotary_emb(key, rotary_emb["key"])
 
-            mask = _dense_for(attention_mask, query.shape[2], key.shape[2], query.device)
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+            if self.kernel == "flex" and _is_block_mask(attention_mask):
+                out = flex_attend(query, key, value, attention_mask)
+            else:
+                mask = _dense_for(attention_mask, query.shape[2], key.shape[2], query.device)
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
             out = out.transpose(1, 2).flatten(2, 3).type_as(query)
             out = attn.to_out[0](out)
             return attn.to_out[1](out)
@@ -365,21 +379,30 @@ def _check_far(transformer):
         raise TypeError(f"expected an AnyFlowFARTransformer3DModel, got {type(transformer).__name__}")
 
 
-def use_dense_far_attention(transformer, dense_kv_cache: bool = True):
+def use_dense_far_attention(transformer, dense_kv_cache: bool = True, kernel: str = "sdpa"):
     """Install :class:`DenseFARAttnProcessor` on every block's ``attn1``; in place, idempotent
-    (an installed dense processor only gets its ``dense_kv_cache`` updated); returns the model."""
+    (an installed one only gets ``dense_kv_cache`` and ``kernel`` updated); returns the model.
+    ``kernel="flex"``: see :func:`use_compiled_flex_far_attention`."""
     _check_far(transformer)
     cls = _dense_processor_cls()
     for block in transformer.blocks:
         proc = block.attn1.processor
         if isinstance(proc, cls):
             proc.dense_kv_cache = bool(dense_kv_cache)
+            proc.kernel = kernel
             continue
-        new = cls(dense_kv_cache=dense_kv_cache, flex_processor=proc)
+        new = cls(dense_kv_cache=dense_kv_cache, flex_processor=proc, kernel=kernel)
         if "_attention_backend" in vars(proc):  # the delegate path keeps the caller's flex backend
             new._attention_backend = proc._attention_backend
         block.attn1.set_processor(new)
     return transformer
+
+
+def use_compiled_flex_far_attention(transformer):
+    """The CUDA training attention: the training forward (a ``BlockMask``) runs flex through
+    :func:`anystep.models.flex_kernel.flex_attend` (compiled on CUDA, so no full score matrix), and
+    the KV-cache paths go to the padding-masked flex processor as in sampling. In place, idempotent."""
+    return use_dense_far_attention(transformer, dense_kv_cache=False, kernel="flex")
 
 
 def use_flex_far_attention(transformer):
@@ -397,23 +420,27 @@ def use_flex_far_attention(transformer):
 
 
 def far_attention_kind(transformer) -> str:
-    """``"dense"`` if every block's ``attn1`` runs :class:`DenseFARAttnProcessor`, ``"flex"`` if
-    none does, ``"mixed"`` otherwise."""
+    """``"dense"`` if every block's ``attn1`` runs :class:`DenseFARAttnProcessor` with SDPA,
+    ``"flex_compiled"`` if every one runs it with the flex kernel, ``"flex"`` if none does (the
+    stock or padding-masked processors), ``"mixed"`` otherwise."""
     cls = _dense_processor_cls()
-    dense = [isinstance(b.attn1.processor, cls) for b in transformer.blocks]
-    return "dense" if all(dense) else ("flex" if not any(dense) else "mixed")
+    kinds = {getattr(b.attn1.processor, "kernel", None) if isinstance(b.attn1.processor, cls) else "stock"
+             for b in transformer.blocks}
+    return {frozenset({"sdpa"}): "dense", frozenset({"flex"}): "flex_compiled",
+            frozenset({"stock"}): "flex"}.get(frozenset(kinds), "mixed")
 
 
 def far_attention_for_device(transformer, device=None):
     """Default policy (DESIGN.md section 1): dense SDPA on CPU (flex has no CPU backward), flex
-    elsewhere (CUDA: the fused flex kernel, the memory-light choice at real sizes; a dense mask
-    of the reference layout would be ~(2 x 21 x 1560)^2 booleans per forward). ``device`` defaults
-    to the model's. Returns the model."""
+    elsewhere, compiled for the training forward (:func:`use_compiled_flex_far_attention`: the
+    fused kernel is the memory-light choice at real sizes, where a dense mask of the reference
+    layout would be ~(2 x 21 x 1560)^2 booleans and eager flex a full score matrix per layer).
+    ``device`` defaults to the model's. Returns the model."""
     if device is None:
         device = next(transformer.parameters()).device
     if torch.device(device).type == "cpu":
         return use_dense_far_attention(transformer)
-    return use_flex_far_attention(transformer)
+    return use_compiled_flex_far_attention(transformer)
 
 
 # -- the training-time network call -----------------------------------------------------------------

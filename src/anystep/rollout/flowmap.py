@@ -107,8 +107,9 @@ def flowmap_rollout(
 
 def prepare_far_for_rollout(model):
     """Attention the causal rollout needs: on CPU the dense processor (flex has no CPU backward and
-    the rollout backpropagates through the KV-cache step); elsewhere the padding-masked flex one,
-    so the cache step attends to real keys only (see ``anystep.models.students``). Idempotent."""
+    the rollout backpropagates through the KV-cache step); elsewhere compiled flex for the
+    training forward and the padding-masked flex processor for the KV-cache steps, so they attend
+    to real keys only (see ``anystep.models.students``). Idempotent."""
     from anystep.models.far_train import far_attention_for_device, far_attention_kind
     from anystep.models.students import mask_far_inference_padding
 
