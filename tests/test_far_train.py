@@ -1,7 +1,7 @@
 """Causal (FAR) student training on CPU (anystep.models.far_train).
 
 FlexAttention has no backward on CPU, so the FAR training forward runs a dense-mask SDPA fallback
-there (DESIGN.md section 1). These tests check that the fallback is the same function as the flex
+there (docs/design.md section 1). These tests check that the fallback is the same function as the flex
 path (forward to float rounding, mask equal to ``create_mask`` of diffusers' BlockMask), that it
 trains (finite gradients everywhere), that the clean-copy teacher-forcing layout is causal the way
 the diffusers mask says, that it agrees with the bidirectional model where it must, and that the
@@ -309,7 +309,7 @@ def test_teacher_forcing_is_a_clean_prefix(far, part):
 
 @torch.no_grad()
 def test_agrees_with_bidirectional_models(wan, far):
-    # A fresh student (emb' = emb) is the teacher at r = t (DESIGN.md section 1).
+    # A fresh student (emb' = emb) is the teacher at r = t (docs/design.md section 1).
     fresh = use_dense_far_attention(student_from_teacher(wan, causal=True, chunk_partition=(1, 3, 3)).eval())
     use_dense_far_attention(far)
     z, x, emb, t, r = _inputs()
@@ -320,7 +320,7 @@ def test_agrees_with_bidirectional_models(wan, far):
         for clean in (None, x):
             u = far_flow_map_velocity(fresh, z, s, s, emb, (1, 3, 3), clean)
             assert (u[:, :1] - v).abs().max() <= 1e-5
-    # One chunk over the whole clip is bidirectional: the plain flow-matching pass of DESIGN.md.
+    # One chunk over the whole clip is bidirectional: the plain flow-matching pass of docs/design.md.
     tt = torch.full((B,), 0.6)
     u = far_flow_map_velocity(fresh, z, tt, tt, emb, (F_LAT,))
     assert (u - teacher_velocity(wan, z, tt, emb)).abs().max() <= 1e-5

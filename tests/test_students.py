@@ -1,6 +1,6 @@
 """Flow-map students initialised from a Wan teacher (anystep.models.students).
 
-The central check (DESIGN.md section 1): with emb' copied from the pretrained time embedder and
+The central check (docs/design.md section 1): with emb' copied from the pretrained time embedder and
 r = t, the AnyFlow student *is* the Wan teacher, to float rounding. Then the student folder is
 sampled through the stock diffusers pipelines and compared with an independent computation of the
 flow-map steps z_r = z_t - (t - r) u(z_t, t, r) on the shifted grid.
@@ -295,7 +295,7 @@ def test_far_first_chunk_equals_bidirectional_student(wan):
 
 
 def test_far_backward_is_unsupported_on_cpu(wan):
-    """Documents the library gap (DESIGN.md section 1): FlexAttention has no CPU backward, so FAR
+    """Documents the library gap (docs/design.md section 1): FlexAttention has no CPU backward, so FAR
     training on CPU needs the dense-mask fallback (inference under no_grad is fine)."""
     far = student_from_teacher(wan, causal=True, chunk_partition=(1, 3, 3))
     z, emb = _inputs(b=1)

@@ -1,4 +1,4 @@
-"""ToyBench calibration and behaviour (DESIGN.md section 4).
+"""ToyBench calibration and behaviour (docs/design.md section 4).
 
 The calibration facts the benchmark promises: held-out real clips sit at the top (Semantic >= 95,
 Quality >= 90), pure noise and all-black clips at the bottom, and each sub-score reacts to the one

@@ -1,4 +1,4 @@
-"""MovingDigits: the toy world (DESIGN.md section 4).
+"""MovingDigits: the toy world (docs/design.md section 4).
 
 One coloured handwritten digit (scikit-learn's bundled 8x8 UCI digits, upscaled) moves in a
 straight line on a black canvas. Each clip comes with the prompt

@@ -1,4 +1,4 @@
-"""Evaluation: ToyBench, the toy analogue of VBench (DESIGN.md section 4)."""
+"""Evaluation: ToyBench, the toy analogue of VBench (docs/design.md section 4)."""
 
 from anystep.eval.toybench import (
     QUALITY_KEYS,

@@ -1,4 +1,4 @@
-"""ToyBench: VBench's shape in miniature, for MovingDigits (DESIGN.md section 4).
+"""ToyBench: VBench's shape in miniature, for MovingDigits (docs/design.md section 4).
 
 A clip is scored against its prompt ``"a {color} {digit} moving {direction}"`` on eight
 sub-scores, each a number in [0, 1] per clip:

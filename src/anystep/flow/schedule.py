@@ -1,4 +1,4 @@
-"""Time conventions and grids (DESIGN.md section 3).
+"""Time conventions and grids (docs/design.md section 3).
 
 sigma in [0, 1] (1 = pure noise); model timestep = 1000 * sigma. Noising z = (1 - s) x + s e,
 data velocity v = e - x. Every schedule in the method (training t/r, DMD re-noise, critic,

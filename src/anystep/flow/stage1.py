@@ -1,4 +1,4 @@
-"""Stage 1 forward flow-map training math (paper Sec. 4.2.1, Algorithm 1; DESIGN.md section 3).
+"""Stage 1 forward flow-map training math (paper Sec. 4.2.1, Algorithm 1; docs/design.md section 3).
 
 Pure tensor functions, no module state. Sigma convention: 1 = noise, 0 = data; a flow-map step is
 ``z_r = z_t - (t - r) u(z_t, t, r)``.

@@ -1,5 +1,5 @@
 """Stage 2 math: flow-map backward simulation (Eq. 8, Alg. 2), the DMD gradient (Eq. 5), and the
-consistency baseline's re-noising (DESIGN.md section 3). Pure functions, no module state.
+consistency baseline's re-noising (docs/design.md section 3). Pure functions, no module state.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ for Causal Video Diffusion": the FAR training pipeline, context compression, chu
 FlexAttention with a ``BlockMask``. FlexAttention has no backward pass on CPU
 (``NotImplementedError: FlexAttention does not support backward on CPU``), so neither Stage 1
 (forward flow-map training) nor the differentiable causal rollouts of Stage 2 (chunk by chunk over
-the KV cache, "each chunk's three segments with gradient") can run on a laptop. DESIGN.md section 1
+the KV cache, "each chunk's three segments with gradient") can run on a laptop. docs/design.md section 1
 names the bridge: materialise the block mask's ``mask_mod`` into a dense boolean mask and run
 ``torch.nn.functional.scaled_dot_product_attention`` with it; keep flex on CUDA. This module is
 that bridge, plus the one training-time network call the causal method needs
-(:func:`far_flow_map_velocity`, the clean-copy teacher-forcing layout of DESIGN.md section 3).
+(:func:`far_flow_map_velocity`, the clean-copy teacher-forcing layout of docs/design.md section 3).
 
 Attention processors
 --------------------
@@ -71,7 +71,7 @@ the noisy chunks that are trained. With ``clean_hidden_states`` the token sequen
   it gets the full-resolution patch embedding and the same RoPE positions as the noisy frames.
 * ``clean_timestep`` is ``(B, F_full)`` in model units and is used for *both* the t and the r
   embedding of the clean copy (``forward_timestep(clean_timestep, clean_timestep)``), whatever
-  ``deltatime_type`` says; 0 is the t = r = 0 of DESIGN.md.
+  ``deltatime_type`` says; 0 is the t = r = 0 of docs/design.md.
 * Attention (``mask_mod`` of ``_build_far_block_mask_from_far_cfg``): context tokens see context
   chunks <= their own; a noisy chunk sees all context, *itself* (bidirectionally) and the clean
   copies of *earlier* chunks -- never another noisy chunk; a clean chunk sees all context and clean
@@ -85,7 +85,7 @@ clean latents at t = r = 0 in a plain causal forward (tested), which is also wha
 sampler computes when it generates chunk ``k`` after prefilling the clean chunks before it
 (tested) -- for the *last* chunk of a training clip always, and for every chunk when
 ``n <= full_chunk_limit``. (For earlier full chunks of a longer clip, training sees fewer
-full-resolution context chunks than sampling will; that is FAR's design, and why DESIGN.md samples
+full-resolution context chunks than sampling will; that is FAR's design, and why docs/design.md samples
 the number of training chunks.)
 """
 
@@ -431,7 +431,7 @@ def far_attention_kind(transformer) -> str:
 
 
 def far_attention_for_device(transformer, device=None):
-    """Default policy (DESIGN.md section 1): dense SDPA on CPU (flex has no CPU backward), flex
+    """Default policy (docs/design.md section 1): dense SDPA on CPU (flex has no CPU backward), flex
     elsewhere, compiled for the training forward (:func:`use_compiled_flex_far_attention`: the
     fused kernel is the memory-light choice at real sizes, where a dense mask of the reference
     layout would be ~(2 x 21 x 1560)^2 booleans and eager flex a full score matrix per layer).
@@ -463,7 +463,7 @@ def far_flow_map_velocity(
     :func:`anystep.models.students.flow_map_velocity`); ``chunk_partition`` sums to ``F``.
 
     With ``clean_latents`` (``(B, F, C, h, w)``, the clean clip): the clean-copy teacher-forcing
-    layout of FAR (DESIGN.md section 3, "clean context chunks at t = r = 0"), see the module
+    layout of FAR (docs/design.md section 3, "clean context chunks at t = r = 0"), see the module
     docstring. Concretely this calls the diffusers training forward with
 
     * ``hidden_states`` = ``clean_latents`` on the compressed-context frames, ``z`` on the rest, and
@@ -474,7 +474,7 @@ def far_flow_map_velocity(
 
     Without ``clean_latents``: a plain chunk-causal forward of ``z`` at the given per-frame times
     (each chunk sees itself and everything before it); ``chunk_partition=(F,)`` makes it one
-    bidirectional chunk (the "extra plain flow-matching pass over the whole clip" of DESIGN.md).
+    bidirectional chunk (the "extra plain flow-matching pass over the whole clip" of docs/design.md).
 
     Returns u for the noisy *full-resolution* frames only, ``(B, F_full, C, h, w)`` with
     ``F_full = far_layout(chunk_partition, full_chunk_limit)["n_full_frames"]`` -- the last

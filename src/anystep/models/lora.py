@@ -1,6 +1,6 @@
 """LoRA on a flow-map student through peft (diffusers' ``PeftAdapterMixin``).
 
-Reference recipe (DESIGN.md section 3): rank 256, alpha 256 on attn1 q/k/v/out.0 and the
+Reference recipe (docs/design.md section 3): rank 256, alpha 256 on attn1 q/k/v/out.0 and the
 feed-forward (ffn.net.0.proj, ffn.net.2); the student also trains its time and delta embedders in
 full. Export merges the adapters, so the written folder needs no peft to load.
 """

@@ -1,6 +1,6 @@
 """Flow-map students initialised from a Wan teacher, and the two network calls the method makes.
 
-Why this module exists (DESIGN.md section 1, paper Sec. 4.2.1 "Interpolated Timestep Conditioning"):
+Why this module exists (docs/design.md section 1, paper Sec. 4.2.1 "Interpolated Timestep Conditioning"):
 a flow map ``u(z_t, t, r)`` is the teacher's network plus a second timestep embedding ``emb'``
 for the target time ``r``. diffusers ships that network (``AnyFlowTransformer3DModel`` and the causal
 ``AnyFlowFARTransformer3DModel``) but no way to start it from a Wan checkpoint:
@@ -18,7 +18,7 @@ exactly the expected keys were missing, and initialise the new parts ourselves:
   random weights.
 
 Latent layout everywhere in ``anystep`` is the AnyFlow one, ``(B, F, C, h, w)``; times are sigmas in
-``[0, 1]`` (1 = noise) and become model timesteps as ``1000 * sigma`` (DESIGN.md section 3).
+``[0, 1]`` (1 = noise) and become model timesteps as ``1000 * sigma`` (docs/design.md section 3).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS
 
-#: Reference causal chunk partition (DESIGN.md section 3: 81 frames = 21 latents = 1 + 6*3 + 2).
+#: Reference causal chunk partition (docs/design.md section 3: 81 frames = 21 latents = 1 + 6*3 + 2).
 REFERENCE_CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
 #: FAR context patchify and number of full-resolution chunks of the reference recipe.
 REFERENCE_COMPRESSED_PATCH = (1, 4, 4)
@@ -96,7 +96,7 @@ def anyflow_config_from_wan(
     """Translate a ``WanTransformer3DModel`` config into ``AnyFlow[FAR]Transformer3DModel`` kwargs.
 
     ``gate_value`` 0.25 is the weight of ``emb'(r)`` (0.75 on ``emb(t)``), the reference code's value
-    (DESIGN.md section 3; the paper's text writes the mixture the other way round).
+    (docs/design.md section 3; the paper's text writes the mixture the other way round).
     ``deltatime_type="r"`` feeds ``r`` itself to ``emb'`` (the reference); ``"t-r"`` is MeanFlow's
     interval variant. ``chunk_partition`` (causal only) defaults to the reference 21-latent-frame
     partition; it must sum to the latent frame count the student will generate.
@@ -277,7 +277,7 @@ def student_folder_from_teacher(
     """Write an ``AnyFlowPipeline`` (``causal=True``: ``AnyFlowFARPipeline``) folder initialised from
     a ``WanPipeline`` teacher folder.
 
-    Models in, models out (DESIGN.md section 2): the student folder reuses the teacher's tokenizer,
+    Models in, models out (docs/design.md section 2): the student folder reuses the teacher's tokenizer,
     text encoder, codec and scheduler shift, so stock diffusers pipelines load and sample it.
     ``num_frames`` (pixel frames), when given, is checked against ``chunk_partition``: a causal
     student can only generate clips whose latent frame count equals the partition's sum.
@@ -334,7 +334,7 @@ def flow_map_velocity(model, z: torch.Tensor, t_sigma, r_sigma, prompt_embeds: t
     """Average velocity ``u(z_t, t, r)`` of a bidirectional AnyFlow student; ``z_r = z_t - (t - r) u``.
 
     ``z``: (B, F, C, h, w). ``t_sigma``, ``r_sigma``: sigmas in [0, 1] as a scalar, per sample (B,)
-    or per frame (B, F); they are scaled by 1000 to model timesteps (DESIGN.md section 3). Timesteps
+    or per frame (B, F); they are scaled by 1000 to model timesteps (docs/design.md section 3). Timesteps
     stay fp32 whatever the model dtype: 1000*sigma in bf16 would lose the small finite-difference
     offsets (eps = 0.005) the Stage-1 target needs. Returns u with the shape of ``z``. Differentiable.
     """

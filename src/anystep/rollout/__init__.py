@@ -1,4 +1,4 @@
-"""Training rollouts (DESIGN.md section 2, ``rollout/``): the student's own samples, with gradient.
+"""Training rollouts (docs/design.md section 2, ``rollout/``): the student's own samples, with gradient.
 
 * :mod:`anystep.rollout.flowmap` -- flow-map backward simulation (paper Eq. 8, Algorithm 2), three
   jumps with gradient at any step budget; bidirectional and causal (KV cache).

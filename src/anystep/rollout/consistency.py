@@ -1,7 +1,7 @@
 """Consistency backward simulation and the consistency sampler: the baseline AnyFlow replaces.
 
 Paper Sec. 4.2.2 ("Limitations of Consistency Backward Simulation", Fig. 5a) and Table 2;
-DESIGN.md section 3. This is the Self-Forcing / rCM style rollout: on the shifted grid
+docs/design.md section 3. This is the Self-Forcing / rCM style rollout: on the shifted grid
 tau_0 = 1 > tau_1 > ... > tau_{s-1} (> tau_s = 0; for s = 4 the timesteps 1000, 937.5, 833.3, 625),
 every step predicts the clean clip
 

@@ -1,6 +1,6 @@
 """Flow-map backward simulation: the student's own rollout, differentiable end to end.
 
-Paper Sec. 4.2.2 ("Flow Map Backward Simulation"), Eq. 8 and Algorithm 2; DESIGN.md section 3,
+Paper Sec. 4.2.2 ("Flow Map Backward Simulation"), Eq. 8 and Algorithm 2; docs/design.md section 3,
 Stage 2. DMD (Eq. 5) needs a sample *from the student's own sampler* to score, and that sample
 must carry gradient back to the student. A flow map ``u(z_t, t, r)`` jumps between any two times,
 ``z_r = z_t - (t - r) u(z_t, t, r | c)``, so by the composition property (Eq. 8) an ``s``-step
@@ -20,7 +20,7 @@ Two executors:
 * :func:`flowmap_rollout` -- a bidirectional ``AnyFlowTransformer3DModel``, the whole clip at once
   (:func:`anystep.models.students.flow_map_velocity`);
 * :func:`causal_flowmap_rollout` -- an ``AnyFlowFARTransformer3DModel``, chunk by chunk over the
-  KV cache (DESIGN.md: "each chunk's three segments with gradient; the cache re-encoded without
+  KV cache (docs/design.md: "each chunk's three segments with gradient; the cache re-encoded without
   gradient at t = r = 0 after each chunk"). :class:`CausalRolloutState` owns the cache; with
   ``use_cache=False`` it recomputes each chunk with the teacher-forced training forward over all
   previous chunks instead (:func:`anystep.models.far_train.far_flow_map_velocity`), which is the
@@ -136,7 +136,7 @@ class CausalRolloutState:
     ``chunk_partition[:k + 1]`` with the generated chunks as clean context (t = r = 0, detached),
     recomputed every call -- the same function without a cache, used to test the cached path.
 
-    Either way, no gradient crosses from one chunk into the next (DESIGN.md: the cache is
+    Either way, no gradient crosses from one chunk into the next (docs/design.md: the cache is
     re-encoded without gradient); each chunk's own jumps carry gradient.
     """
 

@@ -1,6 +1,6 @@
 """Baselines of paper Table 2 that need their own forward stage: consistency ODE-init.
 
-The Table 2 rows and how ``anystep`` builds each (DESIGN.md section 3, "the consistency
+The Table 2 rows and how ``anystep`` builds each (docs/design.md section 3, "the consistency
 baselines ... sharing the same loop so the comparison is fair"):
 
 * *Consistency ODE-init + consistency backward simulation* (Self-Forcing / rCM style):

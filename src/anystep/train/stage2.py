@@ -1,4 +1,4 @@
-"""Stage 2: on-policy flow-map distillation (paper Sec. 4.2.2, Algorithm 2; DESIGN.md section 3).
+"""Stage 2: on-policy flow-map distillation (paper Sec. 4.2.2, Algorithm 2; docs/design.md section 3).
 
 Starting from a Stage-1 AnyFlow folder, every iteration runs two 1:1 updates on fresh batches:
 

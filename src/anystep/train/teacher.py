@@ -92,7 +92,7 @@ def prompt_sensitivity(model, tokenizer, text_encoder, codec, world: WorldConfig
     """Relative change of the velocity prediction when one prompt word is swapped.
 
     A cheap go/no-go signal: a teacher that ignores the digit or direction word shows ~0 there
-    while colour is large (DESIGN.md section 4). ``sign`` swaps the direction for its opposite
+    while colour is large (docs/design.md section 4). ``sign`` swaps the direction for its opposite
     (left <-> right, up <-> down): a teacher that knows the axis of motion but not which way along it
     scores ~0 there while ``direction`` is large.
     """
