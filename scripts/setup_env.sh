@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install anystep with pinned dependencies.
-# CPU torch 2.13.0 goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# Create .venv (if missing) and install anystep with pinned dependencies; says what it does, stops
+# at the first failure. CPU torch 2.13.0 goes in first: a bare `torch` requirement would pull a
+# multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -8,10 +9,28 @@ stamp=.venv/.anystep-installed
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements.lock ]; then
   exit 0
 fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install --quiet -r requirements.lock 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import anystep, diffusers, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" 
+step() { echo "setup_env: $*" >&2; }
+pip_quiet() {  # pip's output only when it fails
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup_env: error: pip install $* failed (output above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv with $($PY --version 2>&1)"
+  "$PY" -m venv .venv
+fi
+step "installing CPU torch 2.13.0 (the largest download, about a minute)"
+pip_quiet "torch==2.13.0"
+step "installing the pinned dependencies (requirements.lock)"
+pip_quiet -r requirements.lock
+step "installing anystep (editable)"
+pip_quiet --no-deps -e .
+.venv/bin/python -c "import anystep, diffusers, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 touch "$stamp"
+step "ready: .venv/bin/anystep"
