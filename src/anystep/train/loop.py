@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from anystep.distributed import DistEnv, all_sum, autocast, current, global_mean, is_sharded, local_value
 from anystep.train.checkpoint import (
@@ -29,6 +28,7 @@ from anystep.train.checkpoint import (
     trainable_tensors,
 )
 from anystep.train.common import EMA, JsonlLogger, warmup_lambda
+from anystep.train.progress import Progress
 
 
 def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
@@ -136,24 +136,24 @@ class TrainLoop:
         cfg = self.cfg
         accum = max(1, int(getattr(cfg, "grad_accum", 1)))
         t0 = time.time()
-        bar = tqdm(total=steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=2.0,
-                   disable=not self.env.is_main)
+        progress = Progress(self.name, steps, self.step, enabled=self.env.is_main)
         while self.step < steps:
             total, metrics, gn = optimizer_step(self.module, self.params, self.opt, self.sched, loss_fn, self.step, accum,
                                                 cfg.grad_clip, self.env, getattr(cfg, "mixed_precision", False), "loss")
             self.step += 1
             self.ema.update(self.module, self.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
+            progress.update(self.step, {"loss": total, **metrics})
             if self.step % cfg.log_every == 0 or self.step == steps or self.step == 1:
-                rec = {"step": self.step, **global_mean({"loss": total, **metrics}), "grad_norm": gn,
-                       "lr": self.sched.get_last_lr()[0], "time": time.time() - t0}
+                lr = self.sched.get_last_lr()[0]
+                # "loss" is this step's (what resume and rank-parity checks compare); "*_mean" the window's.
+                rec = {"step": self.step, **global_mean({"loss": total, **metrics, **progress.window(self.step, lr)}),
+                       "grad_norm": gn, "lr": lr, "time": time.time() - t0}
                 if on_step is not None:
                     rec.update(on_step(self.step) or {})
                 self.logger.log(rec)
             if self.step % cfg.ckpt_every == 0 or self.step == steps:
                 self.save()
-        bar.close()
+        progress.close(str(self.out / "checkpoint"))
 
     def ema_module(self) -> torch.nn.Module:
         return self.ema.ema_copy(self.module)

@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from anystep.flow.schedule import add_noise, shift_sigma
 from anystep.flow.stage2 import (
@@ -67,6 +66,7 @@ from anystep.train.checkpoint import (
     trainable_tensors,
 )
 from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
+from anystep.train.progress import Progress
 from anystep.train.loop import RankSlice, SlicedNoise, optimizer_step
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
@@ -453,20 +453,20 @@ def train_stage2(cfg: Stage2Config) -> Path:
     trainer.maybe_resume()
     logger = JsonlLogger(out / "metrics.jsonl" if env.is_main else None)
     t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc=f"stage2:{cfg.rollout}", dynamic_ncols=True, mininterval=2.0,
-               disable=not env.is_main)
+    progress = Progress(f"stage2:{cfg.rollout}", cfg.steps, trainer.step, enabled=env.is_main,
+                        shown=("loss_dmd", "loss_critic"))
     while trainer.step < cfg.steps:
         rec = trainer.train_step()
         step = trainer.step
-        bar.update(1)
-        bar.set_postfix(dmd=f"{rec['loss_dmd']:.4f}", critic=f"{rec['loss_critic']:.4f}")
+        progress.update(step, {k: v for k, v in rec.items() if k.startswith("loss")})
         if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
             norms = {k: rec.pop(k) for k in list(rec) if k.startswith("grad_norm_")}  # already global
-            logger.log({"step": step, **global_mean(rec), **norms, "lr": trainer.sched_g.get_last_lr()[0],
+            lr = trainer.sched_g.get_last_lr()[0]
+            logger.log({"step": step, **global_mean({**rec, **progress.window(step, lr)}), **norms, "lr": lr,
                         "time": time.time() - t0})
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             trainer.save()
-    bar.close()
+    progress.close(str(out / "checkpoint"))
     if env.distributed:
         return final_folder_from_checkpoint(cfg.out)
     pipe = trainer.pipe
