@@ -190,7 +190,8 @@ def folder_digest(folder) -> str:
     job was trained from, where the path alone would not notice a retrained teacher."""
     h = hashlib.sha256()
     root = Path(folder)
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    # The model card is documentation: writing or rewording it does not make another teacher.
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.relative_to(root) != Path("README.md")):
         h.update(str(p.relative_to(root)).encode() + b"\0")
         with open(p, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler
 
+from anystep.models.card import write_model_card
 from anystep.train.common import atomic_save_folder
 
 
@@ -25,7 +26,8 @@ class ModelFolderError(ValueError):
 PIPELINE_CLASSES = {"WanPipeline", "AnyFlowPipeline", "AnyFlowFARPipeline"}
 
 
-def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0) -> Path:
+def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0,
+                        training: dict | None = None) -> Path:
     from diffusers import WanPipeline
 
     pipe = WanPipeline(
@@ -35,7 +37,11 @@ def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
     )
-    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest)
+    def write(tmp):
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_model_card(tmp, training, name=Path(dest).name)
+
+    atomic_save_folder(write, dest)
     return Path(dest)
 
 
@@ -59,7 +65,8 @@ def read_sampler(folder) -> str:
     return sampler
 
 
-def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0, sampler: str = "flowmap") -> Path:
+def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift: float = 5.0, sampler: str = "flowmap",
+                        training: dict | None = None) -> Path:
     from diffusers import AnyFlowFARPipeline, AnyFlowPipeline, AnyFlowFARTransformer3DModel
 
     if sampler not in SAMPLERS:
@@ -77,6 +84,7 @@ def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift
     def write(tmp):
         pipe.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / SAMPLER_FILE).write_text(json.dumps({"sampler": sampler}) + "\n")
+        write_model_card(tmp, training, name=Path(dest).name)
 
     atomic_save_folder(write, dest)
     return Path(dest)

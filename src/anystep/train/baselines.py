@@ -33,6 +33,7 @@ import torch
 
 from anystep.flow.schedule import sampling_grid
 from anystep.train.stage2 import LORA_TARGETS
+from anystep.models.card import training_rows
 
 STREAM_ODE = 21
 
@@ -200,4 +201,4 @@ def train_consistency_init(cfg: ConsistencyInitConfig) -> Path:
         final = merge_student_lora(final)
     pipe = method.pipe
     return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler="consistency")
+                               shift=cfg.shift, sampler="consistency", training=training_rows(cfg, "consistency_init"))

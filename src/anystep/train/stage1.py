@@ -35,6 +35,7 @@ from anystep.flow.stage1 import (
 from anystep.distributed import all_sum
 from anystep.train.common import logit_normal_sigma
 from anystep.train.loop import RankSlice
+from anystep.models.card import training_rows
 
 
 @dataclass
@@ -336,8 +337,9 @@ def train_stage1(cfg: Stage1Config) -> Path:
     if method.wan:
         from anystep.models.folders import save_teacher_folder
 
-        return save_teacher_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift)
+        return save_teacher_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift,
+                                   training=training_rows(cfg, "stage1"))
     # A student trained by flow matching alone (the causal Table 2 baseline) knows only r = t.
     sampler = "euler_cfg" if cfg.method == "flow_matching" else "flowmap"
     return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler=sampler)
+                               shift=cfg.shift, sampler=sampler, training=training_rows(cfg, "stage1"))

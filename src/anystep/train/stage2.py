@@ -68,6 +68,7 @@ from anystep.train.checkpoint import (
 from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
 from anystep.train.progress import Progress
 from anystep.train.loop import RankSlice, SlicedNoise, optimizer_step
+from anystep.models.card import training_rows
 
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
@@ -473,4 +474,4 @@ def train_stage2(cfg: Stage2Config) -> Path:
     # A consistency-trained student is served by the consistency sampler (Table 2 baselines).
     sampler = "consistency" if cfg.rollout == "consistency" else "flowmap"
     return save_anyflow_folder(out / "model", trainer.final_student(), pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler=sampler)
+                               shift=cfg.shift, sampler=sampler, training=training_rows(cfg, "stage2"))

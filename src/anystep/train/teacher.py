@@ -24,6 +24,7 @@ from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_pr
 from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
 from anystep.train.checkpoint import CheckpointError
 from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_cooldown_lambda
+from anystep.models.card import training_rows
 
 
 @dataclass
@@ -405,5 +406,6 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
     final_model = ema.ema_copy(model).eval()
     final_text = (ema_text.ema_copy(text_encoder) if ema_text else text_encoder).eval()
-    save_teacher_folder(out / "model", final_model, final_text, tokenizer, codec, shift=cfg.shift)
+    save_teacher_folder(out / "model", final_model, final_text, tokenizer, codec, shift=cfg.shift,
+                        training=training_rows(cfg, "teacher"))
     return out / "model"
