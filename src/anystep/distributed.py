@@ -113,14 +113,6 @@ def global_mean(local: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, vals.tolist())}
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def transformer_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks diffusers marks as not splittable (``_no_split_modules``), in order."""
     names = set(getattr(module, "_no_split_modules", None) or ())

@@ -303,7 +303,3 @@ def write_report(results: dict, out_dir, n_boot: int = 2000) -> None:
     if results.get("cost"):
         atomic_write(out_dir / "cost.md", lambda f: f.write(cost_markdown(results["cost"]).encode()))
     plot_scaling(results, out_dir / "scaling.png")
-
-
-def load_results(path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -228,8 +228,3 @@ class MovingDigits:
     def batch(self, indices) -> tuple[np.ndarray, list[str]]:
         clips = [self[int(i)] for i in indices]
         return np.stack([c.video for c in clips]), [c.prompt for c in clips]
-
-
-def all_prompts(world: WorldConfig | None = None) -> list[str]:
-    world = world or WorldConfig()
-    return [make_prompt(c, d, m) for c in world.colors for d in range(10) for m in world.directions]

@@ -35,9 +35,3 @@ def merge_student_lora(model):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model, adapter_name=ADAPTER)

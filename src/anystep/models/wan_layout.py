@@ -33,9 +33,6 @@ TINY_TRANSFORMER = dict(
     ffn_dim=48, num_layers=2, rope_max_seq_len=64,
 )
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
-# Reference causal layout (docs/design.md section 3): 21 latent frames, compressed context patch (1, 4, 4).
-FAR_WAN_CHUNKS = (1, 3, 3, 3, 3, 3, 3, 2)
-FAR_COMPRESSED_PATCH = (1, 4, 4)
 
 
 def parameter_count(name: str) -> int:

@@ -149,31 +149,6 @@ def temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts) -> float
     return float(alone / whole - 1.0)
 
 
-def folder_from_checkpoint(ckpt_path, dest, use_ema: bool = True, shift: float = 5.0, num_frames: int = 7, seed: int = 0,
-                           anchor_first_frame: bool = False, first_frame_offset: float = 0.0) -> Path:
-    """Write a teacher folder from a training checkpoint (EMA weights by default)."""
-    from anystep.models.folders import save_teacher_folder
-
-    state = torch.load(ckpt_path, weights_only=False)
-    world = WorldConfig(num_frames=num_frames)
-    codec = fit_codec(torch.from_numpy(MovingDigits("train", world, seed=seed).batch(range(256))[0]),
-                      anchor_first_frame=anchor_first_frame, first_frame_offset=first_frame_offset)
-    tokenizer = build_word_tokenizer()
-    text_encoder = build_tiny_umt5(len(tokenizer))
-    text_encoder.load_state_dict(state["text_encoder"])
-    model = build_toy_transformer()
-    model.load_state_dict(state["model"])
-    if use_ema:
-        ema = EMA(model, 0.0)
-        ema.load_state_dict(state["ema"])
-        ema.copy_to(model)
-        if state.get("ema_text"):
-            ema_t = EMA(text_encoder, 0.0)
-            ema_t.load_state_dict(state["ema_text"])
-            ema_t.copy_to(text_encoder)
-    return save_teacher_folder(dest, model.eval(), text_encoder.eval(), tokenizer, codec, shift=shift)
-
-
 def sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, margin: float) -> torch.Tensor:
     """Mean over prompted clips of ``relu(L_true - (1 - margin) L_reversed)``: the per-clip
     flow-matching error with the true prompt should beat the error with the direction reversed.
