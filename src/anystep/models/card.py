@@ -75,7 +75,7 @@ def snippet(folder_name: str, d: dict) -> str:
     ask_frames = d["frames"] - 1 if d["temporal"] == 1 else d["frames"]
     lines = ["import torch"]
     if d["toy"]:
-        lines.append("import anystep  # registers the toy codec (the folder's stand-in for the Wan VAE) with diffusers")
+        lines.append("import anystep.models.codec  # lets diffusers load the toy codec, the folder's stand-in for the Wan VAE")
     lines += [
         "from diffusers import DiffusionPipeline",
         "",

@@ -118,6 +118,8 @@ def load_pipeline(folder, torch_dtype=None):
     """Load any supported folder with the diffusers pipeline class it names."""
     import diffusers
 
+    import anystep.models.codec  # noqa: F401  diffusers resolves a toy folder's codec among imported modules only
+
     data = read_model_index(folder)
     cls = getattr(diffusers, data["_class_name"])
     try:
