@@ -368,11 +368,7 @@ def cost_rows(report, device, dtype, s, batch):
     c_params = [p for p in critic.parameters() if p.requires_grad]
     s_opt = torch.optim.AdamW(s_params, lr=1e-7)
     c_opt = torch.optim.AdamW(c_params, lr=1e-7)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *latent, device=device)
-    cond = torch.randn(batch, s["text_tokens"], shape["text_dim"], device=device)
-    null = torch.zeros_like(cond)
-    cfg = Stage1Config()
+    gen, x, cond, null, cfg = _cost_inputs(s, batch, device)
     net = lambda z, t, r, e, cl: flow_map_velocity(student, z, t, r, e)  # noqa: E731
 
     def step(opt, params, loss):
@@ -460,6 +456,13 @@ def cost_rows(report, device, dtype, s, batch):
         report.flush()
 
 
+def _cost_inputs(s, batch, device):
+    """Random latents and prompt embeddings of the cost shape, and the reference Stage-1 settings."""
+    x = torch.randn(batch, *s["cost_latent"], device=device)
+    cond = torch.randn(batch, s["text_tokens"], s["transformer"]["text_dim"], device=device)
+    return torch.Generator().manual_seed(0), x, cond, torch.zeros_like(cond), Stage1Config()
+
+
 def causal_cost_rows(report, device, dtype, s, batch):
     """Forward training of the causal student at the reference FAR layout (all chunks, clean copy,
     compressed context), flex compiled; the last row repeats Stage 1 with eager flex, the
@@ -475,11 +478,7 @@ def causal_cost_rows(report, device, dtype, s, batch):
     prepare_far_for_rollout(far)
     params = [p for p in far.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-7)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *latent, device=device)
-    cond = torch.randn(batch, s["text_tokens"], shape["text_dim"], device=device)
-    null = torch.zeros_like(cond)
-    cfg = Stage1Config()
+    gen, x, cond, null, cfg = _cost_inputs(s, batch, device)
     net = lambda z, t, r, e, cl: far_flow_map_velocity(far, z, t, r, e, part, cl)  # noqa: E731
 
     def step(loss):
