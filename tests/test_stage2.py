@@ -228,6 +228,14 @@ def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir
     assert all(p.requires_grad == ("lora_" in n) for n, p in tr.critic.named_parameters())
 
 
+def test_causal_cotrained_stage1_has_no_aux_pass_by_default(teacher_dir, stage1_dir, causal_dir, tmp_path):
+    """The reference's on-policy configs set bidirectional_modeling_prob: 0; an override keeps it."""
+    kw = dict(causal=True, student=str(causal_dir))
+    assert Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
+    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
+    assert tr.stage1.cfg.bidirectional_aux_prob == 0.1
+
+
 @pytest.mark.parametrize("rollout", ["flowmap", "consistency"])
 def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path, rollout):
     tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
