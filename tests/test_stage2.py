@@ -360,3 +360,25 @@ def test_cli_stage2_dry_run(capsys):
     assert main(["train", "stage2", "--config", "configs/toy/stage2.yaml", "--dry-run", "rollout=consistency", "steps=5"]) == 0
     out = capsys.readouterr().out
     assert "rollout: consistency" in out and "steps: 5" in out
+
+
+def test_consistency_init_targets_the_flow_map_students_guided_field():
+    """One guidance scale per target: the ODE-init's teacher field v_u + w (v_c - v_u) is the
+    conditional output the Stage-1 student is fused to (Eq. 6 at g), in code and in the toy config."""
+    import yaml
+
+    from anystep.flow.stage1 import guidance_fused_velocity
+    from anystep.train.baselines import ConsistencyInitConfig
+    from anystep.train.stage1 import Stage1Config
+
+    g = torch.Generator().manual_seed(0)
+    vc, vu = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "toy"
+    toy = yaml.safe_load((configs / "consistency_init.yaml").read_text())["teacher_guidance"]
+    for w, fuse in ((ConsistencyInitConfig().teacher_guidance, Stage1Config().guidance),
+                    (toy, yaml.safe_load((configs / "stage1.yaml").read_text())["guidance"])):
+        ode_field = vu + w * (vc - vu)
+        # the student's conditional output at zero Stage-1 loss fuses to the data velocity vc
+        assert torch.allclose(guidance_fused_velocity(ode_field, vu, fuse), vc)
