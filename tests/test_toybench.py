@@ -257,3 +257,37 @@ def test_background_noise_estimator_recovers_a_known_sigma(bench):
     assert background_noise_sigma(real, WORLD) == 0.0
     for sigma in (0.1, 0.19, 0.3):
         assert background_noise_sigma(grain_clips(real, sigma, seed=3), WORLD) == pytest.approx(sigma, rel=0.03)
+
+
+def test_frechet_to_the_teacher_reference(tiny_teacher, tmp_path):
+    """The teacher scored against its own 2-step samples at 2 steps (same prompts and seeds, same
+    clips) is at distance ~0, and the cached reference is reused, not regenerated."""
+    out = tmp_path / "bench"
+    res = run_toybench(tiny_teacher, steps=[1, 2], out_dir=out, n_prompts=6, batch_size=6,
+                       teacher_reference=str(tiny_teacher), teacher_reference_steps=2)
+    assert res["results"]["2"]["frechet_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert res["results"]["1"]["frechet_teacher"] > 1e-3
+    assert res["real"]["frechet_teacher"] > 1e-3
+    assert res["teacher_reference"] == {"folder": str(tiny_teacher), "steps": 2}
+    cache = out / "teacher_reference.npz"
+    stamp = cache.stat().st_mtime_ns
+    again = run_toybench(tiny_teacher, steps=[1], out_dir=tmp_path / "bench2", n_prompts=6, batch_size=6)
+    assert "frechet_teacher" not in again["results"]["1"]
+    from anystep.eval.toybench import teacher_reference_features, toybench_prompts
+
+    teacher_reference_features(tiny_teacher, toybench_prompts(6, WORLD), 7, WORLD, 2, cache=cache)
+    assert cache.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="context_frames"):
+        run_toybench(tiny_teacher, steps=[1], out_dir=tmp_path / "b3", n_prompts=2, context_frames=1,
+                     teacher_reference=str(tiny_teacher))
+
+
+def test_scores_of_another_toybench_version_are_not_reused(tiny_teacher, tmp_path):
+    out = tmp_path / "bench"
+    run_toybench(tiny_teacher, steps=[1], out_dir=out, n_prompts=2, batch_size=2)
+    old = json.loads((out / "toybench.json").read_text())
+    old["toybench_version"] = 1
+    old["results"]["1"]["Total"] = -1.0  # a marker a reuse would carry over
+    (out / "toybench.json").write_text(json.dumps(old))
+    res = run_toybench(tiny_teacher, steps=[1], out_dir=out, n_prompts=2, batch_size=2, reuse=True)
+    assert res["results"]["1"]["Total"] >= 0.0

@@ -60,7 +60,9 @@ seven quality sub-scores (VBench's Quality has seven dimensions too), Total = 0.
 0.2 * Semantic. Plus ``frechet``: the Frechet
 (Gaussian) distance between the generated clips' classifier features (hidden layer, mean over frames)
 and those of ``REFERENCE_CLIPS`` fixed held-out real clips; a distribution-level check on what the
-digits look like.
+digits look like. With a teacher reference (:func:`run_toybench`'s ``teacher_reference``) also
+``frechet_teacher``: the same distance to the teacher's converged samples (50 steps, 100 NFE with
+CFG) of the same prompts and seeds, a distillation-fidelity figure.
 
 Calibration (default world, 32x32, 7 frames), see tests/test_toybench.py: held-out real clips score
 Semantic ~99, Quality 100; clipped Gaussian noise and all-black clips score Total < 40. Version 2
@@ -643,6 +645,31 @@ def default_num_frames(model) -> int:
     return nf
 
 
+def teacher_reference_features(teacher_folder, prompts: list[tuple[str, int]], num_frames: int, world: WorldConfig,
+                               steps: int = 50, cache: Path | None = None, batch_size: int = 20) -> np.ndarray:
+    """Clip features of the teacher's samples of ``prompts`` (their seeds) at ``steps`` Euler steps
+    with its default CFG, cached in ``cache`` (an ``.npz``) for the same teacher, prompts and steps."""
+    from anystep.sampling import load_model
+
+    key = json.dumps({"teacher": str(Path(teacher_folder).resolve()), "steps": int(steps), "num_frames": int(num_frames),
+                      "prompts": [list(p) for p in prompts], "version": TOYBENCH_VERSION}, sort_keys=True)
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["features"]
+    model = load_model(teacher_folder)
+    if model.kind != "teacher":
+        raise ValueError(f"teacher_reference {teacher_folder} is a {model.kind!r} folder, not a teacher")
+    feats = clip_features(_generate_all(model, prompts, int(steps), num_frames, batch_size), world)
+    if cache is not None:
+        atomic_write(cache, lambda f: np.savez(f, key=np.array(key), features=feats))
+    return feats
+
+
+def _frechet_between(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
 def run_toybench(
     model_folder,
     steps=(1, 2, 4, 8, 16, 32),
@@ -656,6 +683,8 @@ def run_toybench(
     directions: tuple[str, ...] | None = None,
     context_frames: int = 0,
     guidance_scale: float | None = None,
+    teacher_reference: str | None = None,
+    teacher_reference_steps: int = 50,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -682,6 +711,10 @@ def run_toybench(
     teacher, a flow-matching student; default 4.0) and is recorded in the JSON; flow-map and
     consistency students are guidance-fused, so a value for them is a ``ValueError``.
 
+    ``teacher_reference`` (a teacher folder) adds ``frechet_teacher`` to every row and to ``real``:
+    the Frechet distance to that teacher's ``teacher_reference_steps``-step samples of the same
+    prompts and seeds (cached as ``out_dir/teacher_reference.npz``). Text-to-video only.
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
@@ -705,6 +738,13 @@ def run_toybench(
 
     real_videos = real_clips_for(prompts, world)
     real = score_videos(real_videos, texts, world)
+    teacher_feats = None
+    if teacher_reference is not None:
+        if context_frames:
+            raise ValueError("teacher_reference compares text-to-video samples; it does not apply with context_frames")
+        teacher_feats = teacher_reference_features(teacher_reference, prompts, num_frames, world, teacher_reference_steps,
+                                                   cache=out_dir / "teacher_reference.npz", batch_size=batch_size)
+        real["frechet_teacher"] = _frechet_between(clip_features(real_videos, world), teacher_feats)
     context = real_context(model, real_videos, int(context_frames)) if context_frames else None
     result: dict = {
         "model_folder": str(model_folder),
@@ -713,6 +753,8 @@ def run_toybench(
         "num_frames": num_frames,
         "context_frames": int(context_frames),
         "guidance_scale": effective_g,
+        "teacher_reference": ({"folder": str(teacher_reference), "steps": int(teacher_reference_steps)}
+                              if teacher_reference is not None else None),
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
         "real": {k: v for k, v in real.items() if k != "per_clip"},
         "results": {},
@@ -722,9 +764,11 @@ def run_toybench(
         prev = json.loads(old.read_text())
         # A JSON written before guidance was recorded used the default.
         # Scores of another ToyBench version are never reused.
-        was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1}
+        was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1,
+               "teacher_reference": None}
         same = all(prev.get(k, was.get(k)) == result[k]
-                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale", "toybench_version"))
+                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale", "toybench_version",
+                             "teacher_reference"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
@@ -737,6 +781,8 @@ def run_toybench(
         sc = score_videos(videos, texts, world)
         row = {"steps": s, "nfe": int(nfe(model, s))}
         row.update({k: v for k, v in sc.items() if k != "per_clip"})
+        if teacher_feats is not None:
+            row["frechet_teacher"] = _frechet_between(clip_features(videos, world), teacher_feats)
         row["per_clip_total"] = sc["per_clip"]["total"]
         row["per_clip"] = sc["per_clip"]
         row["seconds"] = round(gen_s, 2)
@@ -749,7 +795,8 @@ def run_toybench(
         print(
             f"[toybench] steps={s:<3d} nfe={row['nfe']:<3d} Quality={row['Quality']:5.1f} "
             f"Semantic={row['Semantic']:5.1f} Total={row['Total']:5.1f} FD={row['frechet']:.3g} "
-            f"(gen {gen_s:.1f}s)",
+            + (f"FD-teacher={row['frechet_teacher']:.3g} " if teacher_feats is not None else "")
+            + f"(gen {gen_s:.1f}s)",
             flush=True,
         )
     plot_toybench(result, out_dir / "toybench.png")
