@@ -147,3 +147,85 @@ def test_adaptive_weights():
     with pytest.raises(ValueError):
         adaptive_weights(loss, torch.zeros(4, dtype=torch.bool))
     assert all(math.isfinite(x) for x in adaptive_weights(torch.zeros(3), torch.tensor([True, False, False])).tolist())
+
+
+def _reference_loss_by_loop(mse, w, boundary, c=1e-5):
+    """The reference Stage-1 loss tail written out sample by sample: l_i = w_i mse_i; mu = mean
+    of l over the boundary samples; every other l_i times mu / (l_i + c) with that factor frozen.
+    Returns per-sample (value, d value / d mse_i)."""
+    n = len(mse)
+    l = [w[i] * mse[i] for i in range(n)]
+    bl = [l[i] for i in range(n) if boundary[i]]
+    mu = sum(bl) / len(bl)
+    vals, grads = [], []
+    for i in range(n):
+        if boundary[i]:
+            vals.append(l[i])
+            grads.append(w[i])
+        else:
+            factor = mu / (l[i] + c)
+            vals.append(l[i] * factor)
+            grads.append(w[i] * factor)
+    return vals, grads
+
+
+def _ratio_first_by_loop(mse, w, boundary, c=1e-5):
+    n = len(mse)
+    mu = sum(mse[i] for i in range(n) if boundary[i]) / sum(1 for b in boundary if b)
+    return [mse[i] * w[i] * (1.0 if boundary[i] else mu / (mse[i] + c)) for i in range(n)]
+
+
+def test_stage1_weighting_matches_the_reference_formula():
+    from anystep.flow.stage1 import adaptive_base_loss, weighted_stage1_loss
+
+    g = torch.Generator().manual_seed(3)
+    n = 8
+    mse = (torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.01).requires_grad_(True)
+    t = shift_sigma(torch.rand(n, generator=g, dtype=torch.float64))
+    w = loss_weight(t, "beta").double()
+    boundary = torch.tensor([True, True, True, False, False, True, False, False])
+    out = weighted_stage1_loss(mse, w, boundary, order="wt_first")
+    out.sum().backward()
+    vals, grads = _reference_loss_by_loop(mse.tolist(), w.tolist(), boundary.tolist())
+    assert torch.allclose(out.detach(), torch.tensor(vals, dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(mse.grad, torch.tensor(grads, dtype=torch.float64), rtol=1e-12)
+    # The point of the order: the gradient of a t != r sample does not depend on its w(t) ...
+    w2 = w.clone()
+    w2[3] *= 7.0
+    mse.grad = None
+    weighted_stage1_loss(mse, w2, boundary, order="wt_first").sum().backward()
+    g_ref = torch.tensor(grads, dtype=torch.float64)
+    assert mse.grad[3] == pytest.approx(g_ref[3].item(), rel=1e-4)  # equal up to the c = 1e-5 term
+    # ... while the earlier order scales it by w(t).
+    assert torch.allclose(weighted_stage1_loss(mse, w, boundary, order="ratio_first"),
+                          torch.tensor(_ratio_first_by_loop(mse.tolist(), w.tolist(), boundary.tolist()), dtype=torch.float64))
+    assert not torch.allclose(weighted_stage1_loss(mse, w, boundary, order="ratio_first"), out.detach())
+
+
+def test_stage1_weighting_on_a_slice_without_boundary_samples():
+    """Two ranks of a global batch of 8 where the second rank holds no boundary sample: with mu
+    taken over the global batch (what the all-reduce hands over), each rank's per-sample losses
+    are the reference loop's on the whole batch, and finite."""
+    from anystep.flow.stage1 import adaptive_base_loss, weighted_stage1_loss
+
+    g = torch.Generator().manual_seed(4)
+    mse = torch.rand(8, generator=g, dtype=torch.float64) + 0.05
+    w = loss_weight(shift_sigma(torch.rand(8, generator=g, dtype=torch.float64)), "beta").double()
+    boundary = sample_types(8) == SAMPLE_BOUNDARY
+    assert boundary[:4].all() and not boundary[4:].any()
+    vals, _ = _reference_loss_by_loop(mse.tolist(), w.tolist(), boundary.tolist())
+    for order in ("wt_first", "ratio_first"):
+        base = adaptive_base_loss(mse, w, order)
+        mu = base[boundary].mean()
+        got = torch.cat([weighted_stage1_loss(mse[s], w[s], boundary[s], order, boundary_mean=mu)
+                         for s in (slice(0, 4), slice(4, 8))])
+        assert torch.isfinite(got).all()
+        if order == "wt_first":
+            assert torch.allclose(got, torch.tensor(vals, dtype=torch.float64), rtol=1e-12)
+    with pytest.raises(ValueError):  # no boundary sample and no global mu: refuse, never NaN
+        weighted_stage1_loss(mse[4:], w[4:], boundary[4:])
+    with pytest.raises(ValueError):
+        adaptive_base_loss(mse, w, "paper")
+    # Without Eq. 7 both orders are w(t) * mse.
+    for order in ("wt_first", "ratio_first"):
+        assert torch.allclose(weighted_stage1_loss(mse, w, boundary, order, adaptive=False), mse * w)

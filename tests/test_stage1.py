@@ -44,8 +44,8 @@ def test_rank_slices_reproduce_the_global_batch(teacher_dir, tmp_path):
     ref, ref_m = Stage1Method(_cfg(teacher_dir, tmp_path, batch_size=4)).loss(0, 0)
     ranks = [Stage1Method(_cfg(teacher_dir, tmp_path, batch_size=1), rank=r, world_size=4) for r in range(4)]
     seen = []
-    for m in ranks:  # pass 1: each rank's local [sum_b, n_b, sum_other, n_other]
-        m.reduce = lambda s: (seen.append(s.clone()), torch.ones(4))[1]
+    for m in ranks:  # pass 1: each rank's local boundary statistics (n_b at index 1)
+        m.reduce = lambda s: (seen.append(s.clone()), torch.ones_like(s))[1]
         m.loss(0, 0)
     total = torch.stack(seen).sum(0)
     assert [float(s[1]) for s in seen] == [1.0, 1.0, 0.0, 0.0] and float(total[1]) == 2.0
@@ -149,6 +149,57 @@ def test_zero_init_conditioning_starts_at_the_teacher(teacher_dir):
         ref = teacher_velocity(pipe.transformer.float(), z, 0.6, emb)
         got = flow_map_velocity(s, z, 0.6, 0.2, emb)
     assert (ref - got).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fused", [3.0, None])
+def test_flow_matching_loss_fuses_guidance_on_request(fused):
+    """The auxiliary pass's loss against a plain recomputation from what the network saw: with
+    ``fused_guidance`` the conditional call is trained through Eq. 6 with a no-grad null call."""
+    from anystep.train.stage1 import flow_matching_loss
+
+    calls = []
+
+    def net(z, t, r, emb, clean):  # depends on the prompt embedding, so cond and null differ
+        calls.append((z.detach().clone(), t.clone(), emb))
+        return 0.5 * z + emb.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(0)
+    x, cond, null = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 5, 8, generator=g), torch.zeros(3, 5, 8)
+    loss, _ = flow_matching_loss(net, x, cond, null, Stage1Config(), torch.Generator().manual_seed(1), fused_guidance=fused)
+    assert len(calls) == (2 if fused else 1)
+    z, t, emb = calls[0]
+    assert emb is cond and (fused is None or calls[1][2] is null)
+    s = t.view(-1, 1, 1, 1, 1)
+    v = (z - x) / s  # z = (1 - t) x + t e, v = e - x
+    u_c = 0.5 * z + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    u = u_c if fused is None else (u_c - (1 - fused) * (0.5 * z)) / fused
+    want = (u - v).pow(2).flatten(1).mean(1).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_aux_pass_sees_the_whole_clip_and_the_guidance(teacher_dir, tmp_path, monkeypatch, fused):
+    import anystep.train.stage1 as s1
+
+    seen = []
+    real = s1.flow_matching_loss
+
+    def spy(net, x, *a, fused_guidance=None, **kw):
+        seen.append((x.shape[1], fused_guidance))
+        return real(net, x, *a, fused_guidance=fused_guidance, **kw)
+
+    monkeypatch.setattr(s1, "flow_matching_loss", spy)
+    cfg = _cfg(teacher_dir, tmp_path, causal=True, num_frames=13, batch_size=2, bidirectional_aux_prob=1.0,
+               chunk_sample_prob=0.0, bidirectional_aux_fused=fused)
+    loss, _ = Stage1Method(cfg).loss(0, 0)
+    assert math.isfinite(loss.item())
+    # chunk_sample_prob 0: the main loss trains 3 chunks (7 frames); the aux pass all 13.
+    assert seen == [(13, cfg.guidance if fused else None)]
+
+
+def test_stage1_refuses_an_unknown_adaptive_order(teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="adaptive_order"):
+        Stage1Method(_cfg(teacher_dir, tmp_path, adaptive_order="paper"))
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -228,6 +228,14 @@ def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir
     assert all(p.requires_grad == ("lora_" in n) for n, p in tr.critic.named_parameters())
 
 
+def test_causal_cotrained_stage1_has_no_aux_pass_by_default(teacher_dir, stage1_dir, causal_dir, tmp_path):
+    """The reference's on-policy configs set bidirectional_modeling_prob: 0; an override keeps it."""
+    kw = dict(causal=True, student=str(causal_dir))
+    assert Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
+    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
+    assert tr.stage1.cfg.bidirectional_aux_prob == 0.1
+
+
 @pytest.mark.parametrize("rollout", ["flowmap", "consistency"])
 def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path, rollout):
     tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
@@ -352,3 +360,25 @@ def test_cli_stage2_dry_run(capsys):
     assert main(["train", "stage2", "--config", "configs/toy/stage2.yaml", "--dry-run", "rollout=consistency", "steps=5"]) == 0
     out = capsys.readouterr().out
     assert "rollout: consistency" in out and "steps: 5" in out
+
+
+def test_consistency_init_targets_the_flow_map_students_guided_field():
+    """One guidance scale per target: the ODE-init's teacher field v_u + w (v_c - v_u) is the
+    conditional output the Stage-1 student is fused to (Eq. 6 at g), in code and in the toy config."""
+    import yaml
+
+    from anystep.flow.stage1 import guidance_fused_velocity
+    from anystep.train.baselines import ConsistencyInitConfig
+    from anystep.train.stage1 import Stage1Config
+
+    g = torch.Generator().manual_seed(0)
+    vc, vu = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "toy"
+    toy = yaml.safe_load((configs / "consistency_init.yaml").read_text())["teacher_guidance"]
+    for w, fuse in ((ConsistencyInitConfig().teacher_guidance, Stage1Config().guidance),
+                    (toy, yaml.safe_load((configs / "stage1.yaml").read_text())["guidance"])):
+        ode_field = vu + w * (vc - vu)
+        # the student's conditional output at zero Stage-1 loss fuses to the data velocity vc
+        assert torch.allclose(guidance_fused_velocity(ode_field, vu, fuse), vc)

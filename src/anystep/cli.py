@@ -192,7 +192,7 @@ def cmd_eval(args) -> int:
     try:
         result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
                               num_frames=args.num_frames, context_frames=args.context_frames,
-                              guidance_scale=args.guidance_scale, **domain)
+                              guidance_scale=args.guidance_scale, teacher_reference=args.teacher_reference, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
@@ -237,14 +237,26 @@ def _print_table(result: dict) -> None:
     ctx = result.get("context_frames", 0)
     given = f"  (first {ctx} frame(s) of each real clip given)" if ctx else ""
     print(f"\nToyBench  {result.get('model_folder', '')}{given}")
-    print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'digit':>6} {'color':>6} {'dir':>6} {'axis':>6} {'FD':>8}")
+    from anystep.report import bootstrap_ci
+
+    fdt = any("frechet_teacher" in r for r in rows)
+    print(f"{'steps':>5} {'NFE':>5} {'Quality':>8} {'Semantic':>9} {'Total':>7} {'95% CI':>15} {'digit':>6} {'color':>6} "
+          f"{'dir':>6} {'axis':>6} {'sharp':>6} {'grain':>6} {'FD':>8}" + (f" {'FD-teach':>8}" if fdt else ""))
     for r in rows:
+        ci = "[{1:.1f}, {2:.1f}]".format(*bootstrap_ci(r["per_clip_total"])) if r.get("per_clip_total") else "n/a"
         print(
-            f"{r['steps']:>5} {r['nfe']:>5} {r['Quality']:>8.2f} {r['Semantic']:>9.2f} {r['Total']:>7.2f} "
+            f"{r['steps']:>5} {r['nfe']:>5} {r['Quality']:>8.2f} {r['Semantic']:>9.2f} {r['Total']:>7.2f} {ci:>15} "
             f"{r.get('digit_accuracy', float('nan')):>6.1f} {r.get('color_accuracy', float('nan')):>6.1f} "
             f"{r.get('direction_accuracy', float('nan')):>6.1f} {r.get('direction_axis_accuracy', float('nan')):>6.1f} "
-            f"{r.get('frechet', float('nan')):>8.2f}"
+            f"{r.get('imaging_sharpness', float('nan')):>6.1f} {r.get('imaging_grain', float('nan')):>6.1f} "
+            f"{r.get('frechet', float('nan')):>8.2f}" + (f" {r.get('frechet_teacher', float('nan')):>8.2f}" if fdt else "")
         )
+    real = result.get("real")
+    if real:
+        print(f"{'real':>5} {'':>5} {real['Quality']:>8.2f} {real['Semantic']:>9.2f} {real['Total']:>7.2f} {'':>15} "
+              f"{'':>6} {'':>6} {'':>6} {'':>6} {real.get('imaging_sharpness', float('nan')):>6.1f} "
+              f"{real.get('imaging_grain', float('nan')):>6.1f} {real.get('frechet', float('nan')):>8.2f}"
+              + (f" {real.get('frechet_teacher', float('nan')):>8.2f}" if fdt else ""))
 
 
 def _check_stage1(cfg) -> None:
@@ -460,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="toybench: CFG of a teacher / flow-matching student (default 4.0)")
     e.add_argument("--context-frames", type=int, default=0,
                    help="toybench, FAR models: continue the first N frames of each prompt's real clip (1 = image-to-video)")
+    e.add_argument("--teacher-reference", default=None,
+                   help="toybench: also the Frechet distance to this teacher's 50-step samples of the same prompts and seeds")
     e.add_argument("--height", type=int, default=32)
     e.add_argument("--width", type=int, default=32)
     e.set_defaults(func=cmd_eval)

@@ -33,19 +33,44 @@ Quality (is it a clean, coherent clip, whatever it shows?)
   * ``dynamic_degree`` - VBench's dynamic degree, continuous: fitted displacement over the clip
     divided by the world's ``travel``, capped at 1. Pairs with smoothness: a frozen clip is
     perfectly smooth, and this is what stops that from being free.
+  * ``imaging_sharpness`` and ``imaging_grain`` - what VBench's imaging quality (MUSIQ) sees,
+    blur and noise, measured against how the world forms its images: a real frame is the 8x8
+    sklearn digit upscaled by ``digit_scale`` (2x2 blocks of one value) at a whole-pixel position
+    on a black canvas.
+
+    - sharpness: the subject's edge energy per unit brightness, ``sum |grad b|^2 / sum b`` over
+      the subject window (plus a 2 px margin), divided by ``SHARPNESS_REF`` and capped at 1.
+      Blur spreads a stroke's edge over more pixels; averaging k misplaced digits divides each
+      one's edges by k while keeping the mass. Both lower the ratio; a grain-free real frame's
+      is at least ``SHARPNESS_REF`` (its 1st percentile over held-out frames).
+    - grain: the share of the frame's brightness energy that lies *below* the world's pixel
+      scale, i.e. off the best-aligned ``digit_scale`` x ``digit_scale`` block grid (the residual
+      after replacing every block by its mean, best of the block-grid alignments):
+      ``1 - share / GRAIN_SHARE_MAX`` clipped to [0, 1]. Exactly 0 for real frames; speckle puts
+      ~3/4 of its energy there, and blur or ghosting some. Vacuous for ``digit_scale`` 1.
+
+    Both are per frame over the frames with a subject, like the others.
 
 Every Quality sub-score is multiplied by the fraction of frames that contain a subject at all (a
 window with at least ``MIN_SUBJECT_MASS`` brightness), so a digit that vanishes loses credit and
 an all-black clip scores 0 everywhere.
 
 Aggregates, as in VBench: Semantic = 100 * mean of the three accuracies, Quality = 100 * mean of the
-five quality sub-scores, Total = 0.8 * Quality + 0.2 * Semantic. Plus ``frechet``: the Frechet
+seven quality sub-scores (VBench's Quality has seven dimensions too), Total = 0.8 * Quality +
+0.2 * Semantic. Plus ``frechet``: the Frechet
 (Gaussian) distance between the generated clips' classifier features (hidden layer, mean over frames)
 and those of ``REFERENCE_CLIPS`` fixed held-out real clips; a distribution-level check on what the
-digits look like.
+digits look like. With a teacher reference (:func:`run_toybench`'s ``teacher_reference``) also
+``frechet_teacher``: the same distance to the teacher's converged samples (50 steps, 100 NFE with
+CFG) of the same prompts and seeds, a distillation-fidelity figure.
 
 Calibration (default world, 32x32, 7 frames), see tests/test_toybench.py: held-out real clips score
-Semantic ~99, Quality 100; clipped Gaussian noise and all-black clips score Total < 40.
+Semantic ~99, Quality 100; clipped Gaussian noise and all-black clips score Total < 40. Version 2
+(the imaging sub-scores) was decided on corrupted real clips only, before any model was scored with
+it: clean real clips >= 95 Total and each of blur (Gaussian, sigma 1 px), grain (clipped Gaussian
+pixel noise at the level of the shipped teacher's samples) and the average of 4 real clips of one
+prompt >= 10 Total points lower (``test_imaging_subscores_separate_corrupted_real_clips``;
+``python -m anystep.eval.toybench_calibration`` prints the table).
 """
 
 from __future__ import annotations
@@ -69,7 +94,7 @@ from anystep.data.moving_digits import (
 from anystep.eval.classifier import brightness, crop_features, crops, get_classifier, window_sums
 from anystep.train.common import atomic_write
 
-TOYBENCH_VERSION = 1
+TOYBENCH_VERSION = 2  # 2: imaging_sharpness and imaging_grain in Quality
 
 # --- calibration constants (changing any of them changes every ToyBench number) ----------------
 MIN_SUBJECT_MASS = 8.0  # brightness units; a real 16x16 digit carries ~50-120
@@ -77,6 +102,12 @@ BRIGHT = 0.5  # brightness above which a pixel counts for the colour estimate
 MIN_DISPLACEMENT = 0.25  # fraction of world.travel the subject must move for a direction to count
 SMOOTHNESS_SCALE_PX = 2.0  # rms second difference (px) at which smoothness falls to 1/e
 FLICKER_SCALE = 1.0  # aligned frame change, relative to the subject's brightness, at which flicker reaches 0
+# Edge energy per unit brightness (1/px) at which sharpness reaches 1: the 1st percentile over
+# held-out real frames (0.35 on the 40 ToyBench clips, 0.28 on 100 others; median 0.48).
+SHARPNESS_REF = 0.35
+SHARPNESS_MARGIN = 2  # px around the subject window, so a blurred edge's spill is counted
+# Share of brightness energy off the world's block grid at which grain reaches 0 (real frames: 0).
+GRAIN_SHARE_MAX = 0.05
 REFERENCE_CLIPS = 200
 REFERENCE_SEED = 1
 PROMPT_BASE_SEED = 1000
@@ -88,6 +119,8 @@ QUALITY_KEYS = (
     "temporal_flicker",
     "background_cleanliness",
     "dynamic_degree",
+    "imaging_sharpness",
+    "imaging_grain",
 )
 SUB_KEYS = SEMANTIC_KEYS + QUALITY_KEYS
 # Reported beside the sub-scores, outside Quality / Semantic / Total: the motion lies along the
@@ -183,6 +216,47 @@ def _aligned_change(a: np.ndarray, b: np.ndarray, shift: tuple[int, int]) -> flo
     return float(d.mean()) * h * w if d.size else float(np.abs(a - b).sum())
 
 
+def sharpness_ratio(b: np.ndarray, top_left: np.ndarray, size: int, margin: int = SHARPNESS_MARGIN) -> np.ndarray:
+    """Per frame: ``sum |grad b|^2 / sum b`` over the subject window grown by ``margin`` (1/px).
+
+    Squared gradients against a linear mass: blurring a stroke lowers it, and so does averaging
+    misplaced digits (k copies at 1/k brightness keep the mass but have 1/k of the edge energy).
+    """
+    n, h, w = b.shape
+    out = np.zeros(n)
+    for i, (r, c) in enumerate(top_left):
+        win = b[i, max(0, r - margin) : min(h, r + size + margin), max(0, c - margin) : min(w, c + size + margin)]
+        m = float(win.sum())
+        if m > 1e-8:
+            out[i] = (float((np.diff(win, axis=0) ** 2).sum()) + float((np.diff(win, axis=1) ** 2).sum())) / m
+    return out
+
+
+def subgrid_share(b: np.ndarray, scale: int) -> np.ndarray:
+    """Per frame: the share of brightness energy below the world's pixel scale.
+
+    The frame is cut into ``scale`` x ``scale`` blocks at each of the ``scale**2`` grid alignments
+    (zero-padded: the background is black); the residual after replacing every block by its mean
+    is the energy a frame rendered like the world's (upscaled sprite, whole-pixel position) cannot
+    have. The best alignment counts, divided by the frame's energy ``sum b^2``.
+    """
+    b = np.asarray(b, np.float64)
+    n, h, w = b.shape
+    if scale <= 1:
+        return np.zeros(n)
+    hb, wb = -(-(h + scale - 1) // scale), -(-(w + scale - 1) // scale)
+    best = np.full(n, np.inf)
+    for pr in range(scale):
+        for pc in range(scale):
+            x = np.zeros((n, hb * scale, wb * scale))
+            x[:, pr : pr + h, pc : pc + w] = b
+            blocks = x.reshape(n, hb, scale, wb, scale)
+            res = ((blocks - blocks.mean(axis=(2, 4), keepdims=True)) ** 2).sum(axis=(1, 2, 3, 4))
+            best = np.minimum(best, res)
+    tot = (b**2).sum(axis=(1, 2))
+    return np.where(tot > 1e-8, best / np.maximum(tot, 1e-8), 0.0)
+
+
 def analyse_clip(video, world: WorldConfig | None = None) -> dict:
     """Everything ToyBench measures about one clip (F, 3, H, W) in [-1, 1], prompt-independent.
 
@@ -247,8 +321,12 @@ def analyse_clip(video, world: WorldConfig | None = None) -> dict:
                 flick.append(0.0)
         flicker = float(np.mean(flick))
         dynamic = min(dist / world.travel, 1.0)
+        sharp = np.minimum(sharpness_ratio(b[idx], loc.top_left[idx], size) / SHARPNESS_REF, 1.0)
+        sharpness = float(sharp.mean())
+        grain = np.clip(1.0 - subgrid_share(b[idx], world.digit_scale) / GRAIN_SHARE_MAX, 0.0, 1.0)
+        graininess = float(grain.mean())
     else:
-        consistency = smoothness = flicker = dynamic = 0.0
+        consistency = smoothness = flicker = dynamic = sharpness = graininess = 0.0
     # Cleanliness: share of brightness energy in the heaviest digit-sized window, 0 = uniform spread.
     area = size * size / (b.shape[1] * b.shape[2])
     b2 = b.astype(np.float64) ** 2
@@ -264,6 +342,8 @@ def analyse_clip(video, world: WorldConfig | None = None) -> dict:
         "temporal_flicker": flicker * pfrac,
         "background_cleanliness": cleanliness * pfrac,
         "dynamic_degree": dynamic * pfrac,
+        "imaging_sharpness": sharpness * pfrac,
+        "imaging_grain": graininess * pfrac,
     }
     return {
         "centroid": cen,
@@ -565,6 +645,31 @@ def default_num_frames(model) -> int:
     return nf
 
 
+def teacher_reference_features(teacher_folder, prompts: list[tuple[str, int]], num_frames: int, world: WorldConfig,
+                               steps: int = 50, cache: Path | None = None, batch_size: int = 20) -> np.ndarray:
+    """Clip features of the teacher's samples of ``prompts`` (their seeds) at ``steps`` Euler steps
+    with its default CFG, cached in ``cache`` (an ``.npz``) for the same teacher, prompts and steps."""
+    from anystep.sampling import load_model
+
+    key = json.dumps({"teacher": str(Path(teacher_folder).resolve()), "steps": int(steps), "num_frames": int(num_frames),
+                      "prompts": [list(p) for p in prompts], "version": TOYBENCH_VERSION}, sort_keys=True)
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return z["features"]
+    model = load_model(teacher_folder)
+    if model.kind != "teacher":
+        raise ValueError(f"teacher_reference {teacher_folder} is a {model.kind!r} folder, not a teacher")
+    feats = clip_features(_generate_all(model, prompts, int(steps), num_frames, batch_size), world)
+    if cache is not None:
+        atomic_write(cache, lambda f: np.savez(f, key=np.array(key), features=feats))
+    return feats
+
+
+def _frechet_between(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
 def run_toybench(
     model_folder,
     steps=(1, 2, 4, 8, 16, 32),
@@ -578,6 +683,8 @@ def run_toybench(
     directions: tuple[str, ...] | None = None,
     context_frames: int = 0,
     guidance_scale: float | None = None,
+    teacher_reference: str | None = None,
+    teacher_reference_steps: int = 50,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -604,6 +711,10 @@ def run_toybench(
     teacher, a flow-matching student; default 4.0) and is recorded in the JSON; flow-map and
     consistency students are guidance-fused, so a value for them is a ``ValueError``.
 
+    ``teacher_reference`` (a teacher folder) adds ``frechet_teacher`` to every row and to ``real``:
+    the Frechet distance to that teacher's ``teacher_reference_steps``-step samples of the same
+    prompts and seeds (cached as ``out_dir/teacher_reference.npz``). Text-to-video only.
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
@@ -627,6 +738,13 @@ def run_toybench(
 
     real_videos = real_clips_for(prompts, world)
     real = score_videos(real_videos, texts, world)
+    teacher_feats = None
+    if teacher_reference is not None:
+        if context_frames:
+            raise ValueError("teacher_reference compares text-to-video samples; it does not apply with context_frames")
+        teacher_feats = teacher_reference_features(teacher_reference, prompts, num_frames, world, teacher_reference_steps,
+                                                   cache=out_dir / "teacher_reference.npz", batch_size=batch_size)
+        real["frechet_teacher"] = _frechet_between(clip_features(real_videos, world), teacher_feats)
     context = real_context(model, real_videos, int(context_frames)) if context_frames else None
     result: dict = {
         "model_folder": str(model_folder),
@@ -635,6 +753,8 @@ def run_toybench(
         "num_frames": num_frames,
         "context_frames": int(context_frames),
         "guidance_scale": effective_g,
+        "teacher_reference": ({"folder": str(teacher_reference), "steps": int(teacher_reference_steps)}
+                              if teacher_reference is not None else None),
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
         "real": {k: v for k, v in real.items() if k != "per_clip"},
         "results": {},
@@ -643,9 +763,12 @@ def run_toybench(
     if reuse and old.exists():
         prev = json.loads(old.read_text())
         # A JSON written before guidance was recorded used the default.
-        was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None}
+        # Scores of another ToyBench version are never reused.
+        was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1,
+               "teacher_reference": None}
         same = all(prev.get(k, was.get(k)) == result[k]
-                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale"))
+                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale", "toybench_version",
+                             "teacher_reference"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
@@ -658,6 +781,8 @@ def run_toybench(
         sc = score_videos(videos, texts, world)
         row = {"steps": s, "nfe": int(nfe(model, s))}
         row.update({k: v for k, v in sc.items() if k != "per_clip"})
+        if teacher_feats is not None:
+            row["frechet_teacher"] = _frechet_between(clip_features(videos, world), teacher_feats)
         row["per_clip_total"] = sc["per_clip"]["total"]
         row["per_clip"] = sc["per_clip"]
         row["seconds"] = round(gen_s, 2)
@@ -670,7 +795,8 @@ def run_toybench(
         print(
             f"[toybench] steps={s:<3d} nfe={row['nfe']:<3d} Quality={row['Quality']:5.1f} "
             f"Semantic={row['Semantic']:5.1f} Total={row['Total']:5.1f} FD={row['frechet']:.3g} "
-            f"(gen {gen_s:.1f}s)",
+            + (f"FD-teacher={row['frechet_teacher']:.3g} " if teacher_feats is not None else "")
+            + f"(gen {gen_s:.1f}s)",
             flush=True,
         )
     plot_toybench(result, out_dir / "toybench.png")

@@ -118,6 +118,7 @@ def adaptive_weights(
     ``mu`` is the mean loss over the boundary samples of the *global* batch; pass
     ``boundary_mean`` when it was all-reduced across ranks. Scaling every t != r loss to the
     boundary level keeps the well-trained instantaneous field (r = t) from being overwhelmed.
+    Which loss Eq. 7 sees (before or after w(t)) is :func:`adaptive_base_loss`'s business.
     """
     loss = per_sample_loss.detach()
     if boundary_mean is None:
@@ -126,3 +127,43 @@ def adaptive_weights(
         boundary_mean = loss[is_boundary].mean()
     w = boundary_mean.detach() / (loss + c)
     return torch.where(is_boundary, torch.ones_like(w), w)
+
+
+# Where w(t) (Fig. 10) sits relative to Eq. 7's ratio. The paper states both but not their order.
+# "wt_first" is what the reference code does (NVlabs/AnyFlow, the loss tail of the Stage-1
+#   trainers): l_i = w(t_i) mse_i, mu and the ratio taken on l, so w(t) cancels for t != r and only
+#   shapes the boundary samples.
+# "ratio_first" is anystep's earlier reading: Eq. 7 on the raw MSE, then w(t) on every sample; it
+#   down-weights t != r samples at high t (where the Beta shape falls) relative to the reference.
+ADAPTIVE_ORDERS = ("wt_first", "ratio_first")
+
+
+def _check_order(order: str) -> None:
+    if order not in ADAPTIVE_ORDERS:
+        raise ValueError(f"adaptive_order must be one of {ADAPTIVE_ORDERS}, got {order!r}")
+
+
+def adaptive_base_loss(mse: torch.Tensor, w_t: torch.Tensor, order: str = "wt_first") -> torch.Tensor:
+    """The per-sample loss Eq. 7 normalises: ``w(t) * mse`` (``wt_first``) or ``mse`` (``ratio_first``).
+
+    Its mean over the boundary samples of the global batch is the ``boundary_mean`` that
+    :func:`weighted_stage1_loss` takes (all-reduce it across ranks first).
+    """
+    _check_order(order)
+    return mse * w_t if order == "wt_first" else mse
+
+
+def weighted_stage1_loss(
+    mse: torch.Tensor, w_t: torch.Tensor, is_boundary: torch.Tensor, order: str = "wt_first", c: float = 1e-5,
+    boundary_mean: torch.Tensor | None = None, adaptive: bool = True,
+) -> torch.Tensor:
+    """Per-sample Stage-1 loss: the Fig. 10 weight w(t) and Eq. 7's adaptive weight, in ``order``.
+
+    ``boundary_mean``: the global-batch mean of :func:`adaptive_base_loss` over boundary samples
+    (needed when this slice holds none). Without ``adaptive`` both orders give ``w(t) * mse``.
+    """
+    base = adaptive_base_loss(mse, w_t, order)
+    if not adaptive:
+        return mse * w_t
+    a = adaptive_weights(base, is_boundary, c, boundary_mean=boundary_mean)
+    return base * a if order == "wt_first" else base * a * w_t

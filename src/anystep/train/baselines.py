@@ -48,7 +48,10 @@ class ConsistencyInitConfig:
     chunk_partition: tuple[int, ...] = (1, 3, 3)
     grid_steps: int = 4  # the consistency grid whose times are regressed (4: 1000, 937.5, 833.3, 625)
     ode_steps: int = 48  # teacher Euler steps from 1 to 0 (the grid times are always among them)
-    teacher_guidance: float = 4.0  # v_u + w (v_c - v_u): the same guided field as Stage 2's real score
+    # v_u + w (v_c - v_u). 3.0: the guided field the flow-map students' forward stage regresses
+    # (Eq. 6 fused at g = 3 makes u_c -> v_u + 3 (v_c - v_u)), so both families' first stage aim at
+    # one target; both Stage 2s share the real score (v_c + 3 (v_c - v_u), CFG 4, the reference's).
+    teacher_guidance: float = 3.0
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -85,7 +88,7 @@ def ode_time_grid(record: list[float], ode_steps: int, shift: float = 5.0) -> li
 @torch.no_grad()
 def teacher_ode_states(
     teacher, noise: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, record: list[float],
-    ode_steps: int = 48, shift: float = 5.0, guidance: float = 4.0,
+    ode_steps: int = 48, shift: float = 5.0, guidance: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler + CFG on the teacher's PF-ODE from ``noise`` (at sigma 1) to 0.
 

@@ -10,7 +10,14 @@ One step, per micro-batch of clean latents x with prompt embeddings c:
 4. one batched no-grad call for u_null = u(z, t, r | null) and the Eq. 4 finite-difference points
    u(z +- eps v, t +- eps, r | c) -- only for samples with t != r, where (t - r) du/dt is non-zero;
 5. u = (u_c - (1 - g) sg(u_null)) / g (Eq. 6), u_tgt = v - (t - r) du/dt (Eq. 3);
-6. per-sample fp32 MSE, adaptive weight (Eq. 7) on the raw loss, times w(t).
+6. per-sample fp32 MSE times w(t), then the adaptive weight (Eq. 7) on that weighted loss -- the
+   reference code's order (``adaptive_order="wt_first"``; ``"ratio_first"`` is the earlier
+   anystep order, Eq. 7 on the raw MSE and w(t) on top).
+
+Causal students add, with probability ``bidirectional_aux_prob``, a plain flow-matching pass over
+the whole clip as one bidirectional chunk, guidance-fused like the main loss (the reference's
+``train_bidirection`` of the FAR trainer); Stage 2 switches it off by default, as the reference's
+on-policy configs do (``bidirectional_modeling_prob: 0``).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import torch
 
 from anystep.flow.schedule import add_noise, shift_sigma
 from anystep.flow.stage1 import (
+    ADAPTIVE_ORDERS,
     SAMPLE_BOUNDARY,
-    adaptive_weights,
+    adaptive_base_loss,
     finite_difference_derivative,
     finite_difference_inputs,
     flow_map_target,
@@ -31,6 +39,7 @@ from anystep.flow.stage1 import (
     loss_weight,
     sample_t_r,
     sample_types,
+    weighted_stage1_loss,
 )
 from anystep.distributed import all_sum
 from anystep.train.common import logit_normal_sigma
@@ -51,6 +60,7 @@ class Stage1Config:
     min_chunks: int = 3  # causal: with prob chunk_sample_prob the chunk count is U[min_chunks, n], else min_chunks
     chunk_sample_prob: float = 0.5
     bidirectional_aux_prob: float = 0.1  # causal: extra flow-matching pass over the whole clip, one chunk
+    bidirectional_aux_fused: bool = True  # the aux pass guidance-fused at `guidance` (reference); False: unguided
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -67,6 +77,7 @@ class Stage1Config:
     fd_eps: float = 0.005
     loss_weight: str = "beta"  # beta | uniform | normal (Fig. 10)
     adaptive: bool = True
+    adaptive_order: str = "wt_first"  # wt_first: w(t) before Eq. 7 (reference code) | ratio_first: Eq. 7, then w(t)
     adaptive_c: float = 1e-5
     boundary_frac: float = 0.5
     zero_frac: float = 0.25
@@ -129,38 +140,50 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
 
     u = guidance_fused_velocity(u_c, u_null, cfg.guidance)
     per = (u - u_tgt).pow(2).flatten(1).mean(1)
-    mu, loss_b, loss_g = _boundary_stats(per.detach(), is_b, ranks, reduce)
-    a = adaptive_weights(per, is_b, cfg.adaptive_c, boundary_mean=mu) if cfg.adaptive else torch.ones_like(per)
-    loss = (per * a * w_t).mean()
+    base = adaptive_base_loss(per.detach(), w_t, cfg.adaptive_order)
+    mu, loss_b, loss_g = _boundary_stats(base, per.detach(), is_b, ranks, reduce)
+    loss = weighted_stage1_loss(per, w_t, is_b, cfg.adaptive_order, cfg.adaptive_c, boundary_mean=mu,
+                                adaptive=cfg.adaptive).mean()
     metrics = {"loss_boundary": loss_b, "loss_general": loss_g}
     return loss, metrics
 
 
-def _boundary_stats(d: torch.Tensor, is_b: torch.Tensor, ranks: RankSlice, reduce):
-    """(mu, mean boundary loss, mean other loss) over the global batch.
+def _boundary_stats(base: torch.Tensor, d: torch.Tensor, is_b: torch.Tensor, ranks: RankSlice, reduce):
+    """(mu, mean boundary MSE, mean other MSE) over the global batch; mu is the boundary mean of
+    ``base`` (Eq. 7's input, :func:`adaptive_base_loss`), the logged means are of the raw MSE ``d``.
 
-    One process: the plain means. N ranks: one reduction of [sum_b, n_b, sum_other, n_other].
+    One process: the plain means. N ranks: one reduction of
+    [sum_b MSE, n_b, sum_other MSE, n_other, sum_b base].
     """
     if ranks.world_size == 1:
         if not bool(is_b.any()):
             raise ValueError("adaptive weighting needs at least one boundary (r = t) sample")
-        mu = d[is_b].mean()
-        return mu, mu.item(), (d[~is_b].mean().item() if bool((~is_b).any()) else 0.0)
-    stats = reduce(torch.stack([d[is_b].sum(), is_b.sum().to(d.dtype), d[~is_b].sum(), (~is_b).sum().to(d.dtype)]).cpu())
+        return base[is_b].mean(), d[is_b].mean().item(), (d[~is_b].mean().item() if bool((~is_b).any()) else 0.0)
+    stats = reduce(torch.stack([d[is_b].sum(), is_b.sum().to(d.dtype), d[~is_b].sum(), (~is_b).sum().to(d.dtype),
+                                base[is_b].sum()]).cpu())
     if float(stats[1]) < 1:
         raise ValueError("adaptive weighting needs at least one boundary (r = t) sample in the global batch")
-    mu = float(stats[0] / stats[1])
-    return torch.tensor(mu, device=d.device, dtype=d.dtype), mu, (float(stats[2] / stats[3]) if float(stats[3]) > 0 else 0.0)
+    mu = float(stats[4] / stats[1])
+    return (torch.tensor(mu, device=d.device, dtype=d.dtype), float(stats[0] / stats[1]),
+            (float(stats[2] / stats[3]) if float(stats[3]) > 0 else 0.0))
 
 
 def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generator,
-                       ranks: RankSlice = RankSlice()) -> tuple[torch.Tensor, dict]:
-    """Plain flow matching at r = t (logit-normal t + shift): the baseline of Table 2."""
+                       ranks: RankSlice = RankSlice(), fused_guidance: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Plain flow matching at r = t (logit-normal t + shift): the baseline of Table 2.
+
+    ``fused_guidance``: train the guidance-fused prediction (Eq. 6) with a no-grad null-prompt
+    pass, as the causal auxiliary pass does in the reference; None trains the plain prediction.
+    """
     b, dev = x.shape[0], x.device
     t = ranks.take(shift_sigma(logit_normal_sigma(b * ranks.world_size, generator=gen), cfg.shift), b).to(dev)
     e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
     u = net(z, t, t, cond, x).float()
+    if fused_guidance is not None:
+        with torch.no_grad():
+            u_null = net(z, t, t, null, x).float()
+        u = guidance_fused_velocity(u, u_null, fused_guidance)
     v = (e - x)[:, x.shape[1] - u.shape[1] :]
     per = (u - v.float()).pow(2).flatten(1).mean(1)
     return per.mean(), {}
@@ -175,6 +198,8 @@ class Stage1Method:
         from anystep.sampling import load_model
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        if cfg.adaptive_order not in ADAPTIVE_ORDERS:  # fail at start-up, not at the first step
+            raise ValueError(f"adaptive_order must be one of {ADAPTIVE_ORDERS}, got {cfg.adaptive_order!r}")
         src = load_model(cfg.init or cfg.teacher)
         self.pipe = src.pipe
         self.wan = src.kind == "teacher" and cfg.method == "flow_matching" and not cfg.causal
@@ -275,11 +300,14 @@ class Stage1Method:
             shared = step_generator(cfg.seed, step, micro, stream=1)
             k = self.chunk_count(shared)
             part = tuple(cfg.chunk_partition[:k])
+            if float(torch.rand((), generator=shared)) < cfg.bidirectional_aux_prob:
+                # The whole clip, not the sampled chunk prefix: the reference runs this pass on
+                # the latents before the chunk-count truncation.
+                full = (x.shape[1],)
+                aux = flow_matching_loss(self._causal_net(full, teacher_forcing=False), x, cond, null, cfg, gen, self.ranks,
+                                         fused_guidance=cfg.guidance if cfg.bidirectional_aux_fused else None)[0]
             x = x[:, : sum(part)]
             net = self._causal_net(part)
-            if float(torch.rand((), generator=shared)) < cfg.bidirectional_aux_prob:
-                full = (x.shape[1],)
-                aux = flow_matching_loss(self._causal_net(full, teacher_forcing=False), x, cond, null, cfg, gen, self.ranks)[0]
         if cfg.method == "flow_matching":
             loss, m = flow_matching_loss(net, x, cond, null, cfg, gen, self.ranks)
             return (loss + aux if aux is not None else loss), m

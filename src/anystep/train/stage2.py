@@ -14,7 +14,8 @@ Starting from a Stage-1 AnyFlow folder, every iteration runs two 1:1 updates on 
    gradient and the fp64 loss MSE(x^, sg(x^ - grad)) (:mod:`anystep.flow.stage2`);
 3. plus the Stage-1 loss (Alg. 1) on the same batch, weight 1.0 by default -- computed by
    :class:`anystep.train.stage1.Stage1Method` itself, so the co-trained objective is exactly
-   Stage 1's (prompt dropout, (t, r) split, causal chunk-count sampling included). It keeps the
+   Stage 1's (prompt dropout, (t, r) split, causal chunk-count sampling included; the causal
+   auxiliary bidirectional pass is off, as in the reference's on-policy configs). It keeps the
    forward flow map (and with it every step count) anchored while DMD pulls the samples towards
    the teacher's distribution.
 
@@ -173,7 +174,9 @@ class Stage2Trainer:
             gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
         )
         if cfg.causal:
-            s1.update(chunk_partition=part, min_chunks=min(3, len(part)))
+            # The reference's on-policy configs set bidirectional_modeling_prob: 0, so the co-trained
+            # term has no auxiliary bidirectional pass; stage1={"bidirectional_aux_prob": 0.1} keeps it.
+            s1.update(chunk_partition=part, min_chunks=min(3, len(part)), bidirectional_aux_prob=0.0)
         s1.update(cfg.stage1)
         self.stage1 = Stage1Method(Stage1Config(**s1), rank, world_size)
         self.data = self.stage1.data
