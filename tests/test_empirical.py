@@ -1,4 +1,4 @@
-"""The exact empirical-flow teacher (DESIGN.md section 5): its posterior mean against a plain
+"""The exact empirical-flow teacher (docs/design.md section 5): its posterior mean against a plain
 computation, a training clip at many steps, the blurred mean at one step."""
 
 import math

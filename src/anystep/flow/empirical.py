@@ -1,5 +1,5 @@
 """The exact flow of the empirical MovingDigits distribution: a teacher that is perfect at many
-steps (DESIGN.md section 5; issue 18, item 2). A prototype, not wired into ``anystep reproduce``.
+steps (docs/design.md section 5; issue 18, item 2). A prototype, not wired into ``anystep reproduce``.
 
 For the straight noising path z_t = (1 - t) x + t e over a finite set of clips {x_i} with prior
 weights pi_i, the posterior over which clip was noised is
@@ -52,7 +52,7 @@ def empirical_log_likelihood(z: torch.Tensor, t: float, clips: torch.Tensor, sq_
 
 def empirical_posterior_mean(z: torch.Tensor, t: float, clips: torch.Tensor, log_prior: torch.Tensor | None = None,
                              sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """E[x | z_t] = sum_i softmax_i(log pi_i + log p(z_t | x_i)) x_i (DESIGN.md section 5):
+    """E[x | z_t] = sum_i softmax_i(log pi_i + log p(z_t | x_i)) x_i (docs/design.md section 5):
     z (B, D), clips (N, D), t in (0, 1]; ``log_prior`` None = uniform."""
     logits = empirical_log_likelihood(z, t, clips, sq_norms)
     if log_prior is not None:
