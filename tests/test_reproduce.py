@@ -101,6 +101,15 @@ def test_pipeline_writes_every_artefact(tiny_run):
     assert list(i2v["flow_matching"]) == ["2"] and list(i2v["anyflow"]) == ["4"]
     assert json.loads((out / "eval/causal/anyflow_i2v/toybench.json").read_text())["context_frames"] == 1
     assert "causal: image-to-video" in (out / "report.md").read_text()
+    # Every student row is also sampled with the other students' sampler at the Table 2 NFE.
+    for arch in ("bidirectional", "causal"):
+        cross = on_disk["architectures"][arch]["sampler_cross"]
+        assert {m: (c["own"], c["other"]) for m, c in cross.items()} == {
+            "consistency": ("consistency", "flowmap"), "flowmap_consistency": ("consistency", "flowmap"),
+            "stage1": ("flowmap", "consistency"), "anyflow": ("flowmap", "consistency")}
+        assert list(cross["anyflow"]["sweep"]) == ["4"]
+    assert json.loads((out / "eval/causal/anyflow_consistency_sampler/toybench.json").read_text())["sampler"] == "consistency"
+    assert "the same weights under both samplers" in (out / "report.md").read_text()
     # Each architecture's students start from (and are scored by) a teacher fine-tune on their own
     # clip length; the fine-tuned teacher stays bidirectional.
     job = lambda name: json.loads((out / name / "reproduce_job.json").read_text())["config"]  # noqa: E731
@@ -256,3 +265,22 @@ def test_causal_students_are_held_against_the_teacher_on_their_own_clip_length()
     assert verdicts["causal: AnyFlow at 4 NFE matches the teacher at 50x2 (Total >=)"] == "holds (intervals separate)"
     assert verdicts["bidirectional: AnyFlow at 4 NFE matches the teacher at 50x2 (Total >=)"].startswith("does not hold")
     assert "| teacher 50x2, causal clips (13 frames) | 100 |" in report_markdown(res, n_boot=500)
+
+
+def test_swapped_sampler_agrees_at_one_step_and_not_beyond(tiny_run, tmp_path):
+    """One flow-map jump from noise to data is the consistency sampler's first x0 prediction; from
+    two steps on the consistency sampler re-noises, so the same weights give other clips."""
+    from anystep.eval.toybench import run_toybench
+
+    out = tiny_run[0]
+    folder = out / "bidirectional" / "anyflow" / "model"
+    own = run_toybench(folder, steps=(1, 2), out_dir=tmp_path / "own", n_prompts=2, n_show=2)
+    swap = run_toybench(folder, steps=(1, 2), out_dir=tmp_path / "swap", n_prompts=2, n_show=2, sampler="consistency")
+    assert own["sampler"] == "flowmap" and swap["sampler"] == "consistency"
+    one_a, one_b = np.load(tmp_path / "own" / "samples_1.npy"), np.load(tmp_path / "swap" / "samples_1.npy")
+    two_a, two_b = np.load(tmp_path / "own" / "samples_2.npy"), np.load(tmp_path / "swap" / "samples_2.npy")
+    assert np.abs(one_a.astype(np.float32) - one_b.astype(np.float32)).max() < 1e-2
+    assert np.abs(two_a.astype(np.float32) - two_b.astype(np.float32)).max() > 1e-2
+    with pytest.raises(ValueError, match="Euler"):
+        run_toybench(out / "causal" / "flow_matching" / "model", steps=(1,), out_dir=tmp_path / "x", n_prompts=2,
+                     sampler="consistency")

@@ -220,6 +220,7 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
                 dirs.append(f"{i2v['direction_accuracy']:.1f}" if i2v else "n/a")
                 dyn.append(f"{i2v['dynamic_degree']:.1f}" if i2v else "n/a")
             lines.append(f"| {m['label']} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {' / '.join(dirs)} | {' / '.join(dyn)} |")
+    lines += sampler_cross_markdown(results, n_boot)
     lines += ["", "## The paper's claims on these numbers", ""]
     for c in claims(results):
         detail = ""
@@ -234,6 +235,33 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
                   "`samples_<arch>_<method>.mp4` (the same prompts at 1, 4, 16 and 32 steps, Fig. 1b analogue). "
                   "Training cost: `cost.md`.", ""]
     return "\n".join(lines)
+
+
+SAMPLER_NAME = {"flowmap": "flow-map Euler", "consistency": "consistency (x0, re-noise)"}
+
+
+def sampler_cross_markdown(results: dict, n_boot: int = 2000) -> list[str]:
+    """Each student's Total at 4 and 32 NFE under its own sampler and under the other one."""
+    lines = []
+    for arch, a in results["architectures"].items():
+        cross = a.get("sampler_cross")
+        if not cross:
+            continue
+        lines += ["", f"## {arch}: the same weights under both samplers", "",
+                  "Total (FD) at 4 and 32 NFE. The trained-for sampler is the Table 2 row; the other column samples "
+                  "the same weights with the other students' sampler.", "",
+                  "| method | trained for | flow-map @4 | flow-map @32 | consistency @4 | consistency @32 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for method, c in cross.items():
+            m = a["methods"][method]
+            by = {c["own"]: m["sweep"], c["other"]: c["sweep"]}
+            cells = []
+            for smp in ("flowmap", "consistency"):
+                for nfe in TABLE_NFE:
+                    row = row_at_nfe(by[smp], nfe)
+                    cells.append(f"{_fmt(score_with_ci(row, 'Total', n_boot))} ({row['frechet']:.1f})" if row else "n/a")
+            lines.append(f"| {m['label']} | {SAMPLER_NAME[c['own']]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def cost_markdown(cost: dict) -> str:

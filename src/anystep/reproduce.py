@@ -229,11 +229,21 @@ def run_job(job: Job) -> Path:
 
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
-          context_frames: int = 0) -> dict:
+          context_frames: int = 0, sampler: str | None = None) -> dict:
     from anystep.eval.toybench import run_toybench
 
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
-                        num_frames=num_frames, context_frames=context_frames)
+                        num_frames=num_frames, context_frames=context_frames, sampler=sampler)
+
+
+#: Each student's own sampler (Table 2); the sampler cross table evaluates it with the other one too.
+OWN_SAMPLER = {"consistency": "consistency", "flowmap_consistency": "consistency", "stage1": "flowmap",
+               "anyflow": "flowmap"}
+OTHER_SAMPLER = {"flowmap": "consistency", "consistency": "flowmap"}
+
+
+def _strip(res: dict) -> dict:
+    return {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()}
 
 
 def _earlier_invocations(path: Path) -> list[dict]:
@@ -367,9 +377,21 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             real = real or res.get("real")
             methods[method] = {
                 "label": label, "folder": folder, "is_teacher": is_teacher, "eval_dir": str(ev_dir),
-                "sweep": {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()},
+                "sweep": _strip(res),
             }
-        results["architectures"][arch] = {"methods": methods}
+        # The same weights under both samplers at the Table 2 step counts: what the training does
+        # apart from what the sampler does (consistency sampling returns denoised x0 at every step).
+        cross = {}
+        for method, own in OWN_SAMPLER.items():
+            if method not in r:
+                continue
+            label, folder, steps, _ = r[method]
+            other = OTHER_SAMPLER[own]
+            sel = _steps_at_nfe(steps, guided=False)
+            say(f"ToyBench sampler cross: {arch} {label} with the {other} sampler, steps {list(sel)}")
+            res = _eval(folder, sel, out / "eval" / arch / f"{method}_{other}_sampler", budget.n_prompts, sampler=other)
+            cross[method] = {"own": own, "other": other, "sweep": _strip(res)}
+        results["architectures"][arch] = {"methods": methods, "sampler_cross": cross}
         if arch == "causal":
             # The causal students make CAUSAL_FRAMES-frame clips; their ceiling is the teacher at that length.
             from anystep.report import TEACHER_REFERENCE_STEPS
@@ -386,7 +408,7 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
                 sel = _steps_at_nfe(steps, guided=(method == "flow_matching"))
                 say(f"ToyBench image-to-video: {arch} {label}, steps {list(sel)}")
                 res = _eval(folder, sel, out / "eval" / arch / f"{method}_i2v", budget.n_prompts, context_frames=1)
-                i2v[method] = {s: {kk: v for kk, v in row.items() if kk != "per_clip_total"} for s, row in res["results"].items()}
+                i2v[method] = _strip(res)
             results["architectures"][arch]["i2v"] = i2v
 
     cost_path = out / "cost.json"

@@ -685,6 +685,7 @@ def run_toybench(
     guidance_scale: float | None = None,
     teacher_reference: str | None = None,
     teacher_reference_steps: int = 50,
+    sampler: str | None = None,
 ) -> dict:
     """Generate the ToyBench prompt set at each step count, score it, write the results.
 
@@ -715,6 +716,10 @@ def run_toybench(
     the Frechet distance to that teacher's ``teacher_reference_steps``-step samples of the same
     prompts and seeds (cached as ``out_dir/teacher_reference.npz``). Text-to-video only.
 
+    ``sampler`` samples a flow-map or consistency student with the other students' sampler
+    (``"flowmap"`` or ``"consistency"``) instead of its own: the same weights under both samplers
+    separate what the training does from what the sampler does. Recorded in the JSON.
+
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
@@ -724,6 +729,13 @@ def run_toybench(
     out_dir = Path(out_dir) if out_dir is not None else model_folder.parent / "toybench"
     model = load_model(model_folder)
     guided = model.kind == "teacher" or model.sampler == "euler_cfg"
+    if sampler is not None:
+        if guided:
+            raise ValueError(f"{model_folder} is sampled with Euler + CFG; a sampler swap applies to flow-map and "
+                             "consistency students")
+        if sampler not in ("flowmap", "consistency"):
+            raise ValueError(f"sampler must be 'flowmap' or 'consistency', got {sampler!r}")
+        model.sampler = sampler
     if guidance_scale is not None and not guided:
         raise ValueError(f"{model_folder} is a guidance-fused {model.sampler} student: --guidance-scale "
                          "applies to teachers and flow-matching students only")
@@ -753,6 +765,7 @@ def run_toybench(
         "num_frames": num_frames,
         "context_frames": int(context_frames),
         "guidance_scale": effective_g,
+        "sampler": model.sampler,
         "teacher_reference": ({"folder": str(teacher_reference), "steps": int(teacher_reference_steps)}
                               if teacher_reference is not None else None),
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
@@ -765,10 +778,10 @@ def run_toybench(
         # A JSON written before guidance was recorded used the default.
         # Scores of another ToyBench version are never reused.
         was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1,
-               "teacher_reference": None}
+               "teacher_reference": None, "sampler": result["sampler"] if sampler is None else None}
         same = all(prev.get(k, was.get(k)) == result[k]
                    for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale", "toybench_version",
-                             "teacher_reference"))
+                             "teacher_reference", "sampler"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:
