@@ -15,9 +15,7 @@ from pathlib import Path
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "toy-teacher"
 
 
-class UserError(Exception):
-    """Bad input: reported in one line, exit code 2."""
-
+from anystep.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, message_line, os_error_line
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
@@ -49,7 +47,10 @@ def _read_prompts(args) -> list[str]:
     path = Path(args.prompts)
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
         lines.pop()
     if not lines:
@@ -70,18 +71,31 @@ def _load(folder):
         raise UserError(str(e)) from None
 
 
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def cmd_generate(args) -> int:
     import torch
 
+    from anystep.fsutil import check_out_file, check_out_folder
     from anystep.io import frame_grid, write_mp4, write_png
     from anystep.sampling import generate
 
     prompts = _read_prompts(args)
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    _positive(args, "steps", "batch_size", "fps", "height", "width", "num_frames")
     out = Path(args.out)
-    if len(prompts) == 1 and out.suffix.lower() != ".mp4":
-        raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
+    # Every output path is checked before the model is even loaded: a refusal costs nothing.
+    if len(prompts) == 1:
+        if out.suffix.lower() != ".mp4":
+            raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
+        check_out_file(out, args.overwrite)
+        check_out_file(out.with_suffix(".png"), args.overwrite, what="--out (its .png frame grid)")
+    else:
+        check_out_folder(out, "clips", overwrite=args.overwrite)
     model = _load(args.model)
     num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     if (args.image or args.video) and model.kind != "anyflow_far":
@@ -110,18 +124,26 @@ def cmd_generate(args) -> int:
         write_png(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, v in enumerate(videos):
-            write_mp4(v, out / f"{i:04d}.mp4", fps=args.fps)
-        write_png(frame_grid(videos, scale=2), out / "grid.png")
-        (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        from anystep.train.common import atomic_save_folder
+
+        def write(tmp):
+            for i, v in enumerate(videos):
+                write_mp4(v, tmp / f"{i:04d}.mp4", fps=args.fps)
+            write_png(frame_grid(videos, scale=2), tmp / "grid.png")
+            (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+        atomic_save_folder(write, out, kind="clips")
         print(f"wrote {len(prompts)} clips and grid.png to {out}")
     return 0
 
 
 def _generate_far(model, prompts, args, num_frames: int, out: Path):
-    """FAR models: chunk by chunk (T2V, or I2V / V2V from --image / --video); a single clip is
-    rewritten to ``out`` after every chunk, so a long clip shows its progress as it grows."""
+    """FAR models: chunk by chunk (T2V, or I2V / V2V from --image / --video). A single clip is
+    rewritten after every chunk, so a long clip shows its progress as it grows -- under a temporary
+    name beside ``out``, removed at the end: ``out`` itself is written once, complete."""
+    import os
+    import tempfile
+
     import torch
 
     from anystep.causal_generation import context_latents, generate_causal, read_frames
@@ -134,20 +156,31 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
     if args.image or args.video:
         ctx = context_latents(model, read_frames(args.image or args.video), args.height, args.width)
     n_chunks = len(model.transformer.config.chunk_partition)
+    partial = None
+    if len(prompts) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.partial.", suffix=".mp4")
+        os.close(fd)
 
     def on_chunk(k, lat):
-        if len(prompts) == 1:
-            write_mp4(latents_to_video(model, lat)[0], out, fps=args.fps)
-        print(f"chunk {k + 1}/{n_chunks} done ({lat.shape[1]} latent frames)", flush=True)
+        where = ""
+        if partial is not None:
+            write_mp4(latents_to_video(model, lat)[0], partial, fps=args.fps)
+            where = f" -> {partial}"
+        print(f"chunk {k + 1}/{n_chunks} done ({lat.shape[1]} latent frames){where}", flush=True)
 
-    videos = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i : i + args.batch_size]
-        lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
-                              width=args.width, context=ctx, on_chunk=on_chunk,
-                              guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
-        videos.append(latents_to_video(model, lat))
-    return torch.cat(videos)
+    try:
+        videos = []
+        for i in range(0, len(prompts), args.batch_size):
+            chunk = prompts[i : i + args.batch_size]
+            lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
+                                  width=args.width, context=ctx, on_chunk=on_chunk,
+                                  guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
+            videos.append(latents_to_video(model, lat))
+        return torch.cat(videos)
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
 
 
 def _default_frames(model) -> int:
@@ -159,7 +192,19 @@ def _default_frames(model) -> int:
 def _check_frames(model, num_frames: int, height: int, width: int) -> None:
     if num_frames < 1:
         raise UserError(f"--num-frames must be >= 1, got {num_frames}")
-    model.latent_shape(num_frames, height, width)  # raises ValueError on a bad canvas
+    if height < 1 or width < 1:
+        raise UserError(f"--height and --width must be >= 1, got {height}x{width}")
+    f_lat, _, h_lat, w_lat = model.latent_shape(num_frames, height, width)  # raises ValueError on a bad canvas
+    cfg = model.transformer.config
+    limit = getattr(cfg, "rope_max_seq_len", None)
+    if limit:
+        p = list(cfg.patch_size)
+        tokens = {"frames": (f_lat // p[0], num_frames), "height": (h_lat // p[1], height), "width": (w_lat // p[2], width)}
+        over = {k: v for k, v in tokens.items() if v[0] > limit}
+        if over:
+            k, (n, asked) = next(iter(over.items()))
+            raise UserError(f"--{'num-frames' if k == 'frames' else k} {asked} makes {n} positions along the {k}, "
+                            f"more than this model's {limit} (rope_max_seq_len); use a smaller value")
     if model.kind == "anyflow_far":
         part = list(model.transformer.config.chunk_partition)
         f_lat = model.latent_shape(num_frames, height, width)[0]
@@ -175,6 +220,8 @@ def cmd_eval(args) -> int:
     from anystep.eval.toybench import run_toybench
 
     steps = _steps_list(args.steps)
+    if args.n_prompts < 1:
+        raise UserError(f"--n-prompts must be >= 1, got {args.n_prompts}")
     model = _load(args.model)
     from anystep.data.moving_digits import WorldConfig
 
@@ -382,8 +429,10 @@ def cmd_synth(args) -> int:
 
 def cmd_export(args) -> int:
     from anystep.export import ExportError, export_run
+    from anystep.fsutil import check_out_folder
     from anystep.models.folders import ModelFolderError
 
+    check_out_folder(args.out, "model", overwrite=args.overwrite)
     try:
         dest = export_run(args.run, args.out, lora_file=args.lora_file, use_ema=not args.no_ema)
     except (ExportError, ModelFolderError) as e:
@@ -410,6 +459,9 @@ def cmd_student(args) -> int:
     from anystep.models.folders import ModelFolderError
     from anystep.models.students import student_folder_from_teacher
 
+    from anystep.fsutil import check_out_folder
+
+    check_out_folder(args.out, "model", overwrite=args.overwrite)
     part = None
     if args.chunk_partition:
         try:
@@ -443,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="FAR models: image-to-video from this first frame")
     g.add_argument("--video", default=None, help="FAR models: video-to-video continuing this clip's first chunks")
     g.add_argument("--fps", type=int, default=4)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .png)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="score a model: ToyBench at several step counts (default) or VBench")
@@ -504,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--lora-file", action="store_true", help="keep the LoRA as pytorch_lora_weights.safetensors")
     x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
@@ -511,14 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--causal", action="store_true", help="AnyFlow-FAR (causal) instead of bidirectional")
     s.add_argument("--chunk-partition", default=None, help="e.g. 1,3,3,3,3 (causal only)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     s.set_defaults(func=cmd_student)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the single place where failures become one ``anystep: error:`` line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from anystep.config import ConfigError
-
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -530,15 +584,22 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             raise UserError(f"anystep: unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as e:
-        msg = str(e)
-        if not msg.startswith("anystep"):
-            msg = f"anystep: error: {msg}"
-        print(msg, file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(message_line(e), file=sys.stderr)
+        return EXIT_USER
     except KeyboardInterrupt:
-        print("anystep: interrupted", file=sys.stderr)
-        return 130
+        print("anystep: error: interrupted (Ctrl-C); files written before are kept as they were", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:
+        print(f"anystep: error: training diverged ({str(e).splitlines()[0]}); try a lower lr, a longer warmup or a "
+              "smaller grad_clip; the last checkpoint is kept and resumes with the same command", file=sys.stderr)
+        return EXIT_USER
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"anystep: error: {line}", file=sys.stderr)
+        return EXIT_USER
 
 
 if __name__ == "__main__":

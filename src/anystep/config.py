@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used (reported as a one-line error)."""
 
 

@@ -14,12 +14,14 @@ separate file for ``pipe.load_lora_weights``.
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 from pathlib import Path
 
 import torch
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A run folder that cannot be exported (one-line message)."""
 
 

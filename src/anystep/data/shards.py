@@ -19,6 +19,8 @@ of ``(seed, s)`` and the rank, so a resumed run reads exactly what it would have
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 import os
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 MANIFEST = "manifest.json"
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard folder that cannot be written to or read (one-line message)."""
 
 

@@ -10,6 +10,8 @@ has ``AutoencoderKLWan`` there. Both load through the same diffusers call.
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteSched
 from anystep.train.common import atomic_save_folder
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError, ValueError):
     """A model folder is missing, malformed or of the wrong layout (reported as a one-line error)."""
 
 
@@ -35,7 +37,7 @@ def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
     )
-    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest)
+    atomic_save_folder(lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True), dest, kind="model")
     return Path(dest)
 
 
@@ -78,7 +80,7 @@ def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         pipe.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / SAMPLER_FILE).write_text(json.dumps({"sampler": sampler}) + "\n")
 
-    atomic_save_folder(write, dest)
+    atomic_save_folder(write, dest, kind="model")
     return Path(dest)
 
 

@@ -12,6 +12,8 @@ swaps the folder in by rename. A crash or a dying rank leaves the previous check
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 import os
 import shutil
@@ -39,7 +41,7 @@ META_NAME = "anystep_checkpoint.json"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be read (one-line message)."""
 
 
