@@ -7,6 +7,7 @@ line on stderr and exit code 2, with nothing half-written left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -364,13 +365,39 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from anystep.distributed import launched_world_size, setup, shutdown
-    from anystep.train.checkpoint import CheckpointError
+    from anystep.distributed import launched_world_size
+    from anystep.train.runfolder import claim_run_folder
 
     if launched_world_size() > 1 and args.method == "teacher":
         raise UserError("the toy teacher trains in one process; run `anystep train teacher` without torchrun")
     if check is not None:
         check(cfg)
+    allow = _allowed_changes(args.allow_changed, cfg)
+    # Rank 0 owns the folder (lock, marker, metrics); the other ranks only write their checkpoint shards.
+    claim = claim_run_folder(args.method, cfg, allow) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with claim as state:
+        if state is not None and state.finished:
+            print(f"{cfg.out} already finished at step {state.step} (steps={cfg.steps}); the {what} is in {state.model} "
+                  f"-- raise steps= to train further")
+            return 0
+        return _run_training(cfg, train, what)
+
+
+def _allowed_changes(items, cfg) -> set[str]:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    allow = {k.strip() for item in (items or []) for k in item.split(",") if k.strip()}
+    unknown = sorted(allow - names)
+    if unknown:
+        raise UserError(f"--allow-changed: unknown config key(s) {', '.join(unknown)}")
+    return allow
+
+
+def _run_training(cfg, train, what: str) -> int:
+    from anystep.distributed import setup, shutdown
+    from anystep.train.checkpoint import CheckpointError
+
     env = setup()
     try:
         folder = train(cfg)
@@ -521,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("method", choices=["teacher", "stage1", "stage2", "consistency_init"])
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--allow-changed", action="append", default=[], metavar="KEY[,KEY]",
+                   help="resume a run although these config keys changed (the new values apply from the resumed step)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.set_defaults(func=cmd_train)
 
@@ -570,6 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report(line: str) -> None:
+    """The one error line, on a line of its own: a progress bar left open by the failure is closed first."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # never let the bars hide the message
+        pass
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the single place where failures become one ``anystep: error:`` line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -585,20 +626,20 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"anystep: unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
     except UserError as e:
-        print(message_line(e), file=sys.stderr)
+        _report(message_line(e))
         return EXIT_USER
     except KeyboardInterrupt:
-        print("anystep: error: interrupted (Ctrl-C); files written before are kept as they were", file=sys.stderr)
+        _report("anystep: error: interrupted (Ctrl-C); files written before are kept as they were")
         return EXIT_INTERRUPTED
     except FloatingPointError as e:
-        print(f"anystep: error: training diverged ({str(e).splitlines()[0]}); try a lower lr, a longer warmup or a "
-              "smaller grad_clip; the last checkpoint is kept and resumes with the same command", file=sys.stderr)
+        _report(f"anystep: error: training diverged: {str(e).splitlines()[0]}; try a lower lr, a longer warmup or a "
+                "smaller grad_clip; the last checkpoint is kept and resumes with the same command")
         return EXIT_USER
     except OSError as e:
         line = os_error_line(e)
         if line is None:
             raise
-        print(f"anystep: error: {line}", file=sys.stderr)
+        _report(f"anystep: error: {line}")
         return EXIT_USER
 
 

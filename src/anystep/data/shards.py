@@ -163,21 +163,30 @@ class LatentShards:
     once with the model folder's own text encoder, as prompt dropout needs it)."""
 
     def __init__(self, folder, pipe=None, seed: int = 0):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         folder = Path(folder)
         if not (folder / MANIFEST).exists():
             raise ShardError(f"{folder} is not a shard folder (no {MANIFEST})")
-        self.manifest = json.loads((folder / MANIFEST).read_text())
-        files = [folder / shard_name(s) for s in range(self.manifest["num_shards"])]
+        try:
+            self.manifest = json.loads((folder / MANIFEST).read_text())
+            files = [folder / shard_name(s) for s in range(int(self.manifest["num_shards"]))]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{folder / MANIFEST} is not a shard manifest ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             f"write the folder again with `anystep synth` or `anystep encode`") from None
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ShardError(f"{folder} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[0]}")
         lat, self.prompts, self._emb = [], [], {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                ps = json.loads(h.metadata()["prompts"])
-                x, e = h.get_tensor("latents"), h.get_tensor("text_embeds")
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    ps = json.loads(h.metadata()["prompts"])
+                    x, e = h.get_tensor("latents"), h.get_tensor("text_embeds")
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+                raise ShardError(f"shard {f} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                                 "it is truncated or not a shard: delete it and run the same synth / encode command "
+                                 "to write it again") from None
             lat.append(x)
             self.prompts += ps
             self._emb.update({p: e[i] for i, p in enumerate(ps)})

@@ -111,12 +111,13 @@ def read_model_index(folder) -> dict:
 def load_pipeline(folder, torch_dtype=None):
     """Load any supported folder with the diffusers pipeline class it names."""
     import diffusers
+    from safetensors import SafetensorError
 
     data = read_model_index(folder)
     cls = getattr(diffusers, data["_class_name"])
     try:
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         return cls.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFolderError(f"{folder}: cannot load model: {first}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from anystep.errors import UserError
 
+import errno
 import json
 import os
 import shutil
@@ -106,29 +107,53 @@ def load_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, st
 
 
 def save_checkpoint(run_dir, tensors: dict, meta: dict) -> Path:
-    """Collective: every rank calls it with its own shards. ``meta`` must be JSON-serialisable."""
+    """Collective: every rank calls it with its own shards. ``meta`` must be JSON-serialisable.
+
+    A failed or interrupted write (full disk, Ctrl-C) removes the temporary folder and leaves the
+    previous checkpoint as it was; a full disk is reported as the ``OSError`` it is, not as the
+    storage layer's ``RuntimeError``.
+    """
     run_dir = Path(run_dir)
     final, tmp = checkpoint_dir(run_dir), run_dir / f".{CHECKPOINT_DIR}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=_no_dist())
-    barrier()
-    if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        body = {"format": FORMAT, "world_size": world, **meta}
-        atomic_write(tmp / META_NAME, lambda f: f.write(json.dumps(body, indent=1, default=str)), binary=False)
-        old = run_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(run_dir)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=_no_dist())
+        barrier()
+        if rank == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            body = {"format": FORMAT, "world_size": world, **meta}
+            atomic_write(tmp / META_NAME, lambda f: f.write(json.dumps(body, indent=1, default=str)), binary=False)
+            old = run_dir / f".{CHECKPOINT_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(run_dir)
+    except BaseException as e:
+        full = not isinstance(e, (KeyboardInterrupt, OSError)) and _disk_full(run_dir)  # before the temp goes
+        if rank == 0 and not final.exists():
+            recover_interrupted_swap(run_dir)  # stopped between the two renames: keep the newest complete one
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+        raise
     barrier()
     return final
+
+
+def _disk_full(path: Path) -> bool:
+    """DCP wraps a failed write in a RuntimeError / CheckpointException whose text varies by
+    version; the free space says what happened."""
+    try:
+        return shutil.disk_usage(path).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def load_checkpoint(run_dir, tensors: dict, single_process: bool = False, expect_global_batch: int | None = None) -> dict:
