@@ -345,7 +345,7 @@ def test_incomplete_checkpoint_is_refused_not_restarted(models, tmp_path, capsys
         r = _copy_run(run, tmp_path / piece.strip("._"))
         (r / "checkpoint" / piece).unlink()
         before = snapshot(r)
-        refused(capsys, f"incomplete ({piece} is missing)", *_stage1(teacher, r, "steps=3"))
+        refused(capsys, f"incomplete or damaged ({piece} is missing)", *_stage1(teacher, r, "steps=3"))
         assert_unchanged(before)
 
 
@@ -422,3 +422,34 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(models, tmpfs, cap
     assert_unchanged(before)
     assert not (r / ".checkpoint.tmp").exists() and not (r / ".anystep.lock").exists()
     assert read_meta(r)["step"] == 2
+
+
+def test_other_outputs_refuse_a_foreign_folder(models, tmp_path, capsys):
+    import torch
+
+    from anystep.io import write_mp4
+
+    teacher, _, run, _ = models
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_mp4(torch.zeros(7, 3, 32, 32), clips / "a.mp4", scale=1)
+    (clips / "a.txt").write_text("a red one moving up\n")
+    (clips / "b.mp4").write_bytes(b"not a video")
+    (clips / "b.txt").write_text("a blue two moving left\n")
+    broken = _copy_run(run, tmp_path / "broken")
+    (broken / "checkpoint" / ".metadata").unlink()
+    before = snapshot(tmp_path)
+    refused(capsys, "not a shard folder", "synth", "--teacher", teacher, "--prompt", PROMPT, "--steps", "1",
+            "--out", foreign)
+    refused(capsys, "not a shard folder", "encode", "--model", teacher, "--clips", clips, "--out", foreign)
+    refused(capsys, "holds no toybench.json", "eval", "--model", teacher, "--steps", "1", "--n-prompts", "1",
+            "--out", foreign)
+    # A clip that cannot be read leaves no manifest-only folder behind.
+    refused(capsys, "cannot read", "encode", "--model", teacher, "--clips", clips, "--out", tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
+    refused(capsys, ".metadata is missing", "export", "--run", broken, "--out", tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()
+    assert_unchanged(before)

@@ -155,7 +155,14 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
         raise UserError("AnyFlow-FAR students are guidance-fused: --guidance-scale is not used with them")
     ctx = None
     if args.image or args.video:
-        ctx = context_latents(model, read_frames(args.image or args.video), args.height, args.width)
+        frames = read_frames(args.image or args.video)
+        ctx = context_latents(model, frames, args.height, args.width)
+        from anystep.models.latents import temporal_factor
+
+        used = (ctx.shape[1] - 1) * temporal_factor(model.codec) + 1
+        if used < frames.shape[0]:  # whole chunks only: say which frames condition the clip
+            print(f"conditioning on the first {used} of the {frames.shape[0]} given frame(s) (the whole chunks they "
+                  f"cover); the rest is generated", flush=True)
     n_chunks = len(model.transformer.config.chunk_partition)
     partial = None
     if len(prompts) == 1:
@@ -223,6 +230,7 @@ def cmd_eval(args) -> int:
     steps = _steps_list(args.steps)
     if args.n_prompts < 1:
         raise UserError(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    _check_eval_out(Path(args.out), "toybench.json")
     model = _load(args.model)
     from anystep.data.moving_digits import WorldConfig
 
@@ -247,6 +255,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_eval_out(out: Path, result_file: str) -> None:
+    """An eval folder is reused (its finished step counts are kept); a foreign one is not written into."""
+    from anystep.fsutil import check_parent_writable
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / result_file).exists() and not (out / "videos").is_dir():
+        raise UserError(f"--out {out} is a non-empty folder that holds no {result_file}; it is left as it is: choose a "
+                        "new or empty --out")
+    check_parent_writable(out / "x")
+
+
 def _eval_vbench(args) -> int:
     from anystep.eval.vbench import (
         VBenchInputError, generate_vbench_videos, read_prompt_pairs, score_with_vbench, vbench_available,
@@ -258,6 +278,7 @@ def _eval_vbench(args) -> int:
         raise UserError("eval vbench takes one --steps value")
     if args.prompts is None:
         raise UserError("eval vbench needs --prompts FILE (one VBench prompt per line)")
+    _check_eval_out(Path(args.out), "vbench.json")
     try:
         pairs = read_prompt_pairs(args.prompts, args.augmented)
     except VBenchInputError as e:

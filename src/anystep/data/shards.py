@@ -39,6 +39,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def check_shard_out(out: Path) -> None:
+    """A shard folder is written only where it is new, empty, or already a shard folder (resumed)."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ShardError(f"--out {out} is a non-empty folder that is not a shard folder (no {MANIFEST}); it is left as "
+                         "it is: choose a new or empty --out")
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) from the torchrun environment; (0, 1) outside it."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -62,6 +71,7 @@ def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance:
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
     out = Path(out)
+    check_shard_out(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"teacher": str(teacher.folder), "steps": steps, "guidance": guidance, "num_frames": num_frames,
                 "height": height, "width": width, "shard_size": shard_size, "seed": seed, "num_prompts": len(prompts),
@@ -102,11 +112,9 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     taken in sorted name order; all must share one size and length. Resumable like the synthetic
     shards (an existing shard is kept)."""
     from anystep.causal_generation import read_frames
-    from anystep.models.latents import encode_pixels
-    from anystep.models.text import encode_prompts
-    from anystep.train.common import atomic_write
 
     clips_dir, out = Path(clips_dir), Path(out)
+    check_shard_out(out)
     if not clips_dir.is_dir():
         raise ShardError(f"clip folder not found: {clips_dir}")
     videos = sorted(clips_dir.glob("*.mp4"))
@@ -117,7 +125,10 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
         cap = v.with_suffix(".txt")
         if not cap.is_file():
             raise ShardError(f"{v.name} has no caption file {cap.name}")
-        text = " ".join(cap.read_text().split())
+        try:
+            text = " ".join(cap.read_text(encoding="utf-8").split())
+        except UnicodeDecodeError:
+            raise ShardError(f"caption {cap} is not UTF-8 text; save it as UTF-8") from None
         if not text:
             raise ShardError(f"caption {cap.name} is empty")
         captions.append(text)
@@ -125,7 +136,25 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     manifest = {"source": str(clips_dir), "codec": type(model.codec).__name__, "shard_size": shard_size,
                 "num_prompts": len(videos), "num_shards": (len(videos) + shard_size - 1) // shard_size,
                 "num_frames": int(first.shape[0]), "height": int(first.shape[2]), "width": int(first.shape[3])}
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress)
+    except BaseException:
+        # A clip that fails to read leaves no manifest-only folder behind.
+        if created and {p.name for p in out.iterdir()} <= {MANIFEST}:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress) -> list[Path]:
+    from anystep.causal_generation import read_frames
+    from anystep.models.latents import encode_pixels
+    from anystep.models.text import encode_prompts
+    from anystep.train.common import atomic_write
+
     mpath = out / MANIFEST
     if mpath.exists() and json.loads(mpath.read_text()) != manifest:
         raise ShardError(f"{out} holds shards made from different clips or settings; use a fresh --out")

@@ -76,6 +76,33 @@ def find_checkpoint(run_dir) -> bool:
     return has_checkpoint(run_dir)
 
 
+def missing_piece(ckpt: Path) -> str | None:
+    """What is missing or damaged in a DCP checkpoint folder, or None when every piece is there
+    (checked before DCP reads it: its own failures print tracebacks from inside its planner)."""
+    if not (ckpt / META_NAME).is_file():
+        return f"{META_NAME} is missing"
+    if not (ckpt / ".metadata").is_file():
+        return ".metadata is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # unpickling a damaged file raises anything
+        return f".metadata is unreadable ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for item in (md.storage_data or {}).values():
+        rel = getattr(item, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(item.offset) + int(item.length))
+    for rel, size in sorted(need.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size < size:
+            return f"{rel} is truncated"
+    return None
+
+
 def read_meta(run_dir) -> dict:
     path = checkpoint_dir(run_dir) / META_NAME
     try:

@@ -95,34 +95,6 @@ def _release_lock(lock: Path) -> None:
         pass
 
 
-def _dcp_complete(ckpt: Path) -> str | None:
-    """What is missing from a DCP checkpoint folder, or None when every piece is there."""
-    from anystep.train.checkpoint import META_NAME
-
-    if not (ckpt / META_NAME).is_file():
-        return META_NAME
-    if not (ckpt / ".metadata").is_file():
-        return ".metadata"
-    try:
-        from torch.distributed.checkpoint import FileSystemReader
-
-        md = FileSystemReader(str(ckpt)).read_metadata()
-    except Exception as e:  # unpickling a damaged file raises anything
-        return f".metadata (unreadable: {type(e).__name__})"
-    need: dict[str, int] = {}
-    for item in (md.storage_data or {}).values():
-        rel = getattr(item, "relative_path", None)
-        if rel is not None:
-            need[rel] = max(need.get(rel, 0), int(item.offset) + int(item.length))
-    for rel, size in sorted(need.items()):
-        path = ckpt / rel
-        if not path.is_file():
-            return rel
-        if path.stat().st_size < size:
-            return f"{rel} (truncated)"
-    return None
-
-
 def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     """(config the checkpoint was written with, its step); (None, 0) without a checkpoint."""
     if method == "teacher":
@@ -151,9 +123,11 @@ def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     ckpt = out / CHECKPOINT_DIR
     if not ckpt.exists():
         return None, 0
-    missing = _dcp_complete(ckpt)
+    from anystep.train.checkpoint import missing_piece
+
+    missing = missing_piece(ckpt)
     if missing is not None:
-        raise UserError(f"the checkpoint in {ckpt} is incomplete ({missing} is missing); it is not restarted over: "
+        raise UserError(f"the checkpoint in {ckpt} is incomplete or damaged ({missing}); it is not restarted over: "
                         f"move {ckpt} away to start from step 0, or use another out=")
     from anystep.train.checkpoint import read_meta
 
