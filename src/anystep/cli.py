@@ -121,8 +121,12 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     if len(prompts) == 1:
-        write_mp4(videos[0], out, fps=args.fps)
-        write_png(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))
+        from anystep.fsutil import atomic_files
+        from anystep.io import mp4_item, png_item
+
+        # The clip and its grid are renamed into place together, after both were written and checked.
+        atomic_files([mp4_item(videos[0], out, fps=args.fps),
+                      png_item(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))])
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
         from anystep.train.common import atomic_save_folder

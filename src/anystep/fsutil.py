@@ -133,22 +133,34 @@ def check_out_folder(path, kind: str, overwrite: bool = False, resumable: bool =
 def atomic_file(path, write, check=None) -> Path:
     """``write(tmp_path)`` under a temporary name beside ``path`` (writers such as ffmpeg want a
     path, not a file object), ``check(tmp_path)`` if given, fsync, umask, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
+    return atomic_files([(path, write, check)])[0]
+
+
+def atomic_files(items) -> list[Path]:
+    """Several files that belong together (a clip and its frame grid): all are written and checked
+    under temporary names first, then renamed one after the other, so a failure in any of them
+    leaves every previous version in place."""
+    done: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        if check is not None:
-            check(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        apply_umask(tmp, False)
-        os.replace(tmp, path)
+        for path, write, check in items:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+            os.close(fd)
+            done.append((tmp, path))
+            write(tmp)
+            if check is not None:
+                check(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            apply_umask(tmp, False)
+        for tmp, path in done:
+            os.replace(tmp, path)
     except BaseException:
-        _unlink_quietly(tmp)
+        for tmp, _ in done:
+            _unlink_quietly(tmp)
         raise
-    return path
+    return [path for _, path in done]
 
 
 def _unlink_quietly(path) -> None:

@@ -74,17 +74,27 @@ def _check_mp4(tmp: str, n_frames: int) -> None:
         raise VideoWriteError(f"the clip written to {tmp} has {got} frames, not {n_frames}")
 
 
-def write_mp4(video, path, fps: int = 4, scale: int = 4) -> Path:
-    """Write an H.264 mp4 beside ``path``, check that ffmpeg succeeded and that every frame reads
-    back, then rename it into place: on any failure the previous ``path`` is untouched."""
-    from anystep.fsutil import atomic_file
-
+def mp4_item(video, path, fps: int = 4, scale: int = 4):
+    """(path, write, check) for :func:`anystep.fsutil.atomic_files`: an H.264 mp4, checked for
+    ffmpeg's success and for every frame reading back."""
     if int(fps) < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
-    path = Path(path)
     frames = upscale(to_uint8(video), scale)
-    atomic_file(path, lambda tmp: _ffmpeg_encode(frames, tmp, fps), check=lambda tmp: _check_mp4(tmp, len(frames)))
-    return path
+    return Path(path), lambda tmp: _ffmpeg_encode(frames, tmp, fps), lambda tmp: _check_mp4(tmp, len(frames))
+
+
+def png_item(image: np.ndarray, path):
+    from PIL import Image
+
+    return Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), None
+
+
+def write_mp4(video, path, fps: int = 4, scale: int = 4) -> Path:
+    """Write an mp4 beside ``path``, check it, then rename it into place: on any failure the
+    previous ``path`` is untouched."""
+    from anystep.fsutil import atomic_files
+
+    return atomic_files([mp4_item(video, path, fps, scale)])[0]
 
 
 def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
@@ -99,10 +109,6 @@ def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, path) -> Path:
-    from PIL import Image
+    from anystep.fsutil import atomic_files
 
-    from anystep.fsutil import atomic_file
-
-    path = Path(path)
-    atomic_file(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-    return path
+    return atomic_files([png_item(image, path)])[0]
