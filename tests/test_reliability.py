@@ -109,6 +109,20 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+@pytest.fixture
+def read_only(tmp_path):
+    """A read-only tmpfs, or a skip saying why there is none."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs ({p.stderr.strip() or p.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def fill(folder, leave: int) -> None:
     """Fill the file system of ``folder`` up to ``leave`` free bytes."""
     free = shutil.disk_usage(folder).free - leave
@@ -144,8 +158,15 @@ def test_export_and_student_never_touch_a_foreign_folder_or_file(models, tmp_pat
     mine = snapshot(e)
     refused(capsys, "--overwrite", "export", "--run", run, "--out", e)
     assert_unchanged(mine)
-    assert run_cli(capsys, "export", "--run", run, "--out", e, "--overwrite", "--no-ema")[0] == 0
+    old = os.umask(0o027)
+    try:
+        assert run_cli(capsys, "export", "--run", run, "--out", e, "--overwrite", "--no-ema")[0] == 0
+    finally:
+        os.umask(old)
     assert (e / "model_index.json").is_file()
+    # The folder follows the umask, not tempfile's 0700 / 0600.
+    assert {p.stat().st_mode & 0o777 for p in [e, *e.rglob("*")] if p.is_dir()} == {0o750}
+    assert {p.stat().st_mode & 0o777 for p in e.rglob("*") if p.is_file()} == {0o640}
     no_temp_files(tmp_path)
 
 
@@ -210,6 +231,15 @@ def test_full_disk_keeps_the_old_clip(models, tmpfs, capsys):
     assert "free some space" in line
     assert_unchanged(before)
     assert sorted(p.name for p in tmpfs.iterdir()) == ["filler", "old.mp4"]
+
+
+def test_read_only_targets_are_refused_before_any_work(models, read_only, capsys):
+    teacher, _, run, _ = models
+    refused(capsys, "read-only or no permission", "generate", "--model", teacher, "--prompt", PROMPT,
+            "--out", read_only / "x.mp4")
+    refused(capsys, "read-only or no permission", "export", "--run", run, "--out", read_only / "e")
+    refused(capsys, "read-only or no permission", *_stage1(teacher, read_only / "r", "steps=1"))
+    assert not list(read_only.iterdir())
 
 
 # -- 2. one line for every user-caused failure ---------------------------------------------------
