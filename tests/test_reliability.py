@@ -202,7 +202,7 @@ def test_ctrl_c_during_far_generation_keeps_the_old_clip(models, tmp_path):
     png.write_bytes(b"the user's grid")
     before = snapshot(tmp_path)
     # Enough steps that chunk 2 is still running when the signal arrives.
-    cmd = [sys.executable, "-m", "anystep", "generate", "--model", str(far), "--prompt", PROMPT, "--steps", "40",
+    cmd = [sys.executable, "-m", "anystep", "generate", "--model", str(far), "--prompt", PROMPT, "--steps", "12",
            "--out", str(clip), "--overwrite"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:
@@ -475,6 +475,7 @@ def test_other_outputs_refuse_a_foreign_folder(models, tmp_path, capsys):
     refused(capsys, "not a shard folder", "synth", "--teacher", teacher, "--prompt", PROMPT, "--steps", "1",
             "--out", foreign)
     refused(capsys, "not a shard folder", "encode", "--model", teacher, "--clips", clips, "--out", foreign)
+    refused(capsys, "not a reproduction", "reproduce", "--quick", "--out", foreign)
     refused(capsys, "holds no toybench.json", "eval", "--model", teacher, "--steps", "1", "--n-prompts", "1",
             "--out", foreign)
     # A clip that cannot be read leaves no manifest-only folder behind.

@@ -442,14 +442,32 @@ def _run_training(cfg, train, what: str) -> int:
     return 0
 
 
+def _check_reproduce_out(out: Path) -> None:
+    """A reproduction resumes in its own folder (marker, or job records of an older run); a foreign
+    non-empty folder is refused."""
+    from anystep.fsutil import check_parent_writable, read_marker, write_marker
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = read_marker(out)
+        ours = (marker or {}).get("kind") == "reproduce" if marker else (
+            (out / "results.json").is_file() or any(out.glob("*/reproduce_job.json")) or any(out.glob("*/*/reproduce_job.json")))
+        if not ours:
+            raise UserError(f"--out {out} is a non-empty folder that is not a reproduction; it is left as it is: "
+                            "choose a new or empty --out")
+    check_parent_writable(out / "x")
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "reproduce")
+
+
 def cmd_reproduce(args) -> int:
     from anystep.reproduce import SettingsChanged, reproduce
 
     if args.teacher is not None and _load(args.teacher).kind != "teacher":
         raise UserError(f"{args.teacher}: --teacher must be a Wan teacher folder")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    _check_reproduce_out(out)
     command = "anystep " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("anystep") else ""
     try:
         reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
