@@ -398,12 +398,30 @@ def cmd_train(args) -> int:
     if check is not None:
         check(cfg)
     allow = _allowed_changes(args.allow_changed, cfg)
-    # Rank 0 owns the folder (lock, marker, metrics); the other ranks only write their checkpoint shards.
-    claim = claim_run_folder(args.method, cfg, allow) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-    with claim as state:
-        if state is not None and state.finished:
-            print(f"{cfg.out} already finished at step {state.step} (steps={cfg.steps}); the {what} is in {state.model} "
-                  f"-- raise steps= to train further")
+    from anystep.distributed import all_sum, setup, shutdown
+
+    env = setup()
+    with contextlib.ExitStack() as stack:
+        # Rank 0 owns the folder (lock, marker, metrics); the other ranks only write checkpoint shards.
+        state, refusal = None, None
+        if env.is_main:
+            try:
+                state = stack.enter_context(claim_run_folder(args.method, cfg, allow))
+            except (UserError, OSError) as e:
+                refusal = e
+        # Every rank learns rank 0's verdict: a refusal there must not leave the others in a collective.
+        import torch
+
+        code = (1 if refusal is not None else 2 if state is not None and state.finished else 0) if env.is_main else 0
+        verdict = int(all_sum(torch.tensor([float(code)]))[0])
+        if verdict == 1:
+            shutdown(together=False)
+            raise refusal if refusal is not None else UserError(f"rank 0 refused out={cfg.out} (its log says why)")
+        if verdict == 2:
+            shutdown()
+            if env.is_main:
+                print(f"{cfg.out} already finished at step {state.step} (steps={cfg.steps}); the {what} is in "
+                      f"{state.model} -- raise steps= to train further")
             return 0
         return _run_training(cfg, train, what)
 
