@@ -484,3 +484,26 @@ def test_other_outputs_refuse_a_foreign_folder(models, tmp_path, capsys):
     refused(capsys, ".metadata is missing", "export", "--run", broken, "--out", tmp_path / "exp")
     assert not (tmp_path / "exp").exists()
     assert_unchanged(before)
+
+
+@pytest.mark.parametrize("left", [".checkpoint.tmp", ".checkpoint.old"])
+def test_kill_between_the_checkpoint_renames_resumes_bit_identically(models, tmp_path, capsys, left):
+    """A job killed between the two renames of a checkpoint write leaves no ``checkpoint/`` but a
+    complete ``.checkpoint.tmp`` (or ``.old``): the resume puts it back and continues exactly as
+    from the intact folder."""
+    from safetensors.torch import load_file
+
+    teacher, _, run, _ = models
+    intact, killed = _copy_run(run, tmp_path / "intact"), _copy_run(run, tmp_path / "killed")
+    for r in (intact, killed):
+        shutil.rmtree(r / "model")
+    os.replace(killed / "checkpoint", killed / left)
+    for r in (intact, killed):
+        rc, err = run_cli(capsys, *_stage1(teacher, r, "steps=3"))
+        assert rc == 0, err[-3000:]
+    assert (killed / "checkpoint").is_dir() and not (killed / left).exists()
+    a = load_file(next((intact / "model" / "transformer").glob("*.safetensors")))
+    b = load_file(next((killed / "model" / "transformer").glob("*.safetensors")))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    rows = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(intact)[-1]["loss"] == rows(killed)[-1]["loss"] and rows(killed)[-1]["step"] == 3
