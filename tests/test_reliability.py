@@ -507,3 +507,21 @@ def test_kill_between_the_checkpoint_renames_resumes_bit_identically(models, tmp
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     rows = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(intact)[-1]["loss"] == rows(killed)[-1]["loss"] and rows(killed)[-1]["step"] == 3
+
+
+def test_clip_folders_are_replaced_only_when_ours_and_asked(models, tmp_path, capsys):
+    teacher, _, run, _ = models
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT}\na blue two moving left\n")
+    clips = tmp_path / "clips"
+    gen = ["generate", "--model", teacher, "--prompts", prompts, "--steps", "1", "--out"]
+    assert run_cli(capsys, *gen, clips)[0] == 0
+    mine = snapshot(clips)
+    refused(capsys, "already exists; pass --overwrite", *gen, clips)
+    assert_unchanged(mine)
+    assert run_cli(capsys, *gen, clips, "--overwrite", "--seed", "1")[0] == 0
+    assert snapshot(clips) != mine and (clips / "0001.mp4").is_file()
+    # Our model folder is not a clip folder: refused even with --overwrite.
+    model = snapshot(run / "model")
+    refused(capsys, "not a clips folder", *gen, run / "model", "--overwrite")
+    assert_unchanged(model)

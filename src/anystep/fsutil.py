@@ -122,9 +122,12 @@ def check_out_folder(path, kind: str, overwrite: bool = False, resumable: bool =
         raise UserError(f"{what} {path} exists and is not a folder; choose another {what}")
     if path.is_dir() and any(path.iterdir()):
         marker = read_marker(path)
-        if marker is None or marker.get("kind") != kind:
-            raise UserError(f"{what} {path} is a non-empty folder not written by anystep ({kind}); it is left as it is: "
+        if marker is None:
+            raise UserError(f"{what} {path} is a non-empty folder not written by anystep; it is left as it is: "
                             f"choose a new or empty {what}")
+        if marker.get("kind") != kind:
+            raise UserError(f"{what} {path} is an anystep {marker.get('kind')} folder, not a {kind} folder; it is left "
+                            f"as it is: choose a new or empty {what}")
         if not (resumable or overwrite):
             raise UserError(f"{path} already exists; pass --overwrite to replace it, or choose another {what}")
     check_parent_writable(path / "x", what)
