@@ -242,6 +242,13 @@ def test_read_only_targets_are_refused_before_any_work(models, read_only, capsys
     assert not list(read_only.iterdir())
 
 
+def test_full_disk_during_export_leaves_no_half_folder(models, tmpfs, capsys):
+    run = models[2]
+    fill(tmpfs, 1 << 20)  # the model folder is ~5 MB
+    refused(capsys, "no space left", "export", "--run", run, "--out", tmpfs / "e")
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["filler"]
+
+
 # -- 2. one line for every user-caused failure ---------------------------------------------------
 @pytest.mark.parametrize("extra, fragment", [
     (["--num-frames", "65"], "rope_max_seq_len"),

@@ -16,7 +16,7 @@ from pathlib import Path
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "toy-teacher"
 
 
-from anystep.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, message_line, os_error_line
+from anystep.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, disk_full_line, message_line, os_error_line
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
@@ -700,6 +700,12 @@ def main(argv: list[str] | None = None) -> int:
         line = os_error_line(e)
         if line is None:
             raise
+        _report(f"anystep: error: {line}")
+        return EXIT_USER
+    except Exception as e:
+        line = disk_full_line(e)
+        if line is None:
+            raise  # a bug: its traceback, exit code 1
         _report(f"anystep: error: {line}")
         return EXIT_USER
 

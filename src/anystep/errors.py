@@ -47,3 +47,12 @@ def message_line(e: BaseException) -> str:
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     return first if first.startswith("anystep") else f"anystep: error: {first}"
+
+
+def disk_full_line(e: BaseException) -> str | None:
+    """Libraries that write for us (safetensors, the checkpoint writer) wrap a full disk in their
+    own exception types; their text still says what happened."""
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return os_error_line(OSError(errno.ENOSPC, "No space left on device"))
+    return None
