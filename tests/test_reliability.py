@@ -532,3 +532,26 @@ def test_clip_folders_are_replaced_only_when_ours_and_asked(models, tmp_path, ca
     model = snapshot(run / "model")
     refused(capsys, "not a clips folder", *gen, run / "model", "--overwrite")
     assert_unchanged(model)
+
+
+def test_eval_synth_encode_and_reproduce_folders_are_locked_while_in_use(models, tmp_path, capsys):
+    teacher = models[0]
+    (tmp_path / "clips").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        commands = {
+            "eval": ["eval", "--model", teacher, "--steps", "1", "--n-prompts", "1", "--out"],
+            "synth": ["synth", "--teacher", teacher, "--prompt", PROMPT, "--steps", "1", "--out"],
+            "reproduce": ["reproduce", "--quick", "--no-cost", "--out"],
+        }
+        for name, argv in commands.items():
+            out = tmp_path / name
+            out.mkdir()
+            (out / ".anystep.lock").write_text(json.dumps({"pid": holder.pid}))
+            before = snapshot(out)
+            refused(capsys, f"being written by another run (PID {holder.pid})", *argv, out)
+            assert_unchanged(before)
+            assert sorted(p.name for p in out.iterdir()) == [".anystep.lock"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -249,10 +249,13 @@ def cmd_eval(args) -> int:
         value = getattr(args, key)
         if value:
             domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+    from anystep.fsutil import folder_lock
+
     try:
-        result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
-                              num_frames=args.num_frames, context_frames=args.context_frames,
-                              guidance_scale=args.guidance_scale, **domain)
+        with folder_lock(args.out):
+            result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
+                                  num_frames=args.num_frames, context_frames=args.context_frames,
+                                  guidance_scale=args.guidance_scale, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
@@ -261,11 +264,11 @@ def cmd_eval(args) -> int:
 
 def _check_eval_out(out: Path, result_file: str) -> None:
     """An eval folder is reused (its finished step counts are kept); a foreign one is not written into."""
-    from anystep.fsutil import check_parent_writable
+    from anystep.fsutil import check_parent_writable, has_entries
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / result_file).exists() and not (out / "videos").is_dir():
+    if out.is_dir() and has_entries(out) and not (out / result_file).exists() and not (out / "videos").is_dir():
         raise UserError(f"--out {out} is a non-empty folder that holds no {result_file}; it is left as it is: choose a "
                         "new or empty --out")
     check_parent_writable(out / "x")
@@ -463,11 +466,11 @@ def _run_training(cfg, train, what: str) -> int:
 def _check_reproduce_out(out: Path) -> None:
     """A reproduction resumes in its own folder (marker, or job records of an older run); a foreign
     non-empty folder is refused."""
-    from anystep.fsutil import check_parent_writable, read_marker, write_marker
+    from anystep.fsutil import check_parent_writable, has_entries, read_marker
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and has_entries(out):
         marker = read_marker(out)
         ours = (marker or {}).get("kind") == "reproduce" if marker else (
             (out / "results.json").is_file() or any(out.glob("*/reproduce_job.json")) or any(out.glob("*/*/reproduce_job.json")))
@@ -475,8 +478,6 @@ def _check_reproduce_out(out: Path) -> None:
             raise UserError(f"--out {out} is a non-empty folder that is not a reproduction; it is left as it is: "
                             "choose a new or empty --out")
     check_parent_writable(out / "x")
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "reproduce")
 
 
 def cmd_reproduce(args) -> int:
@@ -487,8 +488,12 @@ def cmd_reproduce(args) -> int:
     out = Path(args.out)
     _check_reproduce_out(out)
     command = "anystep " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("anystep") else ""
+    from anystep.fsutil import folder_lock, write_marker
+
     try:
-        reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
+        with folder_lock(out):
+            write_marker(out, "reproduce")
+            reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
     except SettingsChanged as e:
         raise UserError(str(e)) from None
     print(f"report written to {out / 'report.md'}")
@@ -496,9 +501,11 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from anystep.data.shards import ShardError, write_synthetic
+    from anystep.data.shards import ShardError, check_shard_out, write_synthetic
+    from anystep.fsutil import folder_lock
 
     prompts = _read_prompts(args)
+    check_shard_out(Path(args.out))  # before the lock file goes into it
     model = _load(args.teacher)
     if model.kind != "teacher":
         raise UserError(f"{args.teacher}: synthetic data comes from a Wan teacher folder, got a {model.kind!r} folder")
@@ -507,8 +514,12 @@ def cmd_synth(args) -> int:
     num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     try:
         _check_frames(model, num_frames, args.height, args.width)
-        paths = write_synthetic(model, prompts, args.out, steps=args.steps, guidance=args.guidance, num_frames=num_frames,
-                                height=args.height, width=args.width, shard_size=args.shard_size, seed=args.seed)
+        # Under torchrun every rank writes its own shards; rank 0 holds the folder's lock for all.
+        lock = folder_lock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+        with lock:
+            paths = write_synthetic(model, prompts, args.out, steps=args.steps, guidance=args.guidance,
+                                    num_frames=num_frames, height=args.height, width=args.width,
+                                    shard_size=args.shard_size, seed=args.seed)
     except (ShardError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"{len(paths)} shard(s) of this rank in {args.out}")
@@ -535,8 +546,13 @@ def cmd_encode(args) -> int:
     model = _load(args.model)
     if args.shard_size < 1:
         raise UserError("--shard-size must be >= 1")
+    from anystep.data.shards import check_shard_out
+    from anystep.fsutil import folder_lock
+
+    check_shard_out(Path(args.out))  # before the lock file goes into it
     try:
-        paths = encode_clips(model, args.clips, args.out, shard_size=args.shard_size)
+        with folder_lock(args.out):
+            paths = encode_clips(model, args.clips, args.out, shard_size=args.shard_size)
     except (ShardError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"{len(paths)} shard(s) in {args.out}")

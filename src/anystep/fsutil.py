@@ -20,15 +20,19 @@ that is theirs instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from anystep.errors import UserError
 
 MARKER = ".anystep"
+LOCK = ".anystep.lock"
 
 
 def current_umask() -> int:
@@ -79,6 +83,11 @@ def write_marker(folder, kind: str, **extra) -> None:
     apply_umask(path, False)
 
 
+def has_entries(folder) -> bool:
+    """Whether a folder holds anything besides our own lock and marker files."""
+    return any(p.name not in (LOCK, MARKER) for p in Path(folder).iterdir())
+
+
 def is_empty_dir(path) -> bool:
     path = Path(path)
     return path.is_dir() and not any(path.iterdir())
@@ -120,7 +129,7 @@ def check_out_folder(path, kind: str, overwrite: bool = False, resumable: bool =
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} exists and is not a folder; choose another {what}")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and has_entries(path):
         marker = read_marker(path)
         if marker is None:
             raise UserError(f"{what} {path} is a non-empty folder not written by anystep; it is left as it is: "
@@ -191,3 +200,73 @@ def swap_folder_in(tmp, dest) -> None:
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def take_lock(folder, what: str = "--out") -> Path:
+    """Create ``folder/.anystep.lock`` holding our PID, or refuse in one line while a live process
+    holds it. The lock of a process that no longer exists (killed, crashed) is taken over."""
+    folder = Path(folder)
+    lock = folder / LOCK
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                held = json.loads(lock.read_text())
+                pid, where = int(held["pid"]), held.get("host")
+            except (OSError, ValueError, KeyError, TypeError):
+                # Just created and not yet written, or damaged: held unless it has been like that a while.
+                try:
+                    young = time.time() - lock.stat().st_mtime < 30
+                except FileNotFoundError:
+                    continue
+                if young:
+                    raise UserError(f"{folder} is being written by another process (lock {lock}); wait for it to "
+                                    f"finish or use another {what}") from None
+                pid, where = None, None
+            if pid is not None and (where not in (None, host) or _pid_alive(pid)):
+                on = f" on {where}" if where not in (None, host) else ""
+                raise UserError(f"{folder} is being written by another run (PID {pid}{on}); wait for it to finish, "
+                                f"or use another {what}; if that process is gone, delete {lock}") from None
+            lock.unlink(missing_ok=True)  # a dead run's lock
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": host}) + "\n")
+        return lock
+    raise UserError(f"{folder}: another process took the lock {lock} at the same moment; run the command again")
+
+
+def release_lock(lock) -> None:
+    lock = Path(lock)
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+@contextlib.contextmanager
+def folder_lock(folder, what: str = "--out"):
+    """Hold the folder's lock for the duration of a command. A folder it had to create and that
+    is still empty afterwards (the command refused) is removed again."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(folder, what)
+    try:
+        yield lock
+    finally:
+        release_lock(lock)
+        if created and is_empty_dir(folder):
+            folder.rmdir()

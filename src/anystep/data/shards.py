@@ -43,7 +43,9 @@ def check_shard_out(out: Path) -> None:
     """A shard folder is written only where it is new, empty, or already a shard folder (resumed)."""
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    from anystep.fsutil import has_entries
+
+    if out.is_dir() and has_entries(out) and not (out / MANIFEST).is_file():
         raise ShardError(f"--out {out} is a non-empty folder that is not a shard folder (no {MANIFEST}); it is left as "
                          "it is: choose a new or empty --out")
 
@@ -138,14 +140,15 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
                 "num_frames": int(first.shape[0]), "height": int(first.shape[2]), "width": int(first.shape[3])}
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    new_manifest = not (out / MANIFEST).exists()
     try:
         return _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress)
     except BaseException:
-        # A clip that fails to read leaves no manifest-only folder behind.
-        if created and {p.name for p in out.iterdir()} <= {MANIFEST}:
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
+        # A clip that fails to read leaves no manifest-only folder behind (a lock file is the caller's).
+        if new_manifest and not any(out.glob("shard-*.safetensors")):
+            (out / MANIFEST).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
         raise
 
 

@@ -18,14 +18,12 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from anystep.errors import UserError
-from anystep.fsutil import read_marker, write_marker
+from anystep.fsutil import has_entries, read_marker, release_lock, take_lock, write_marker
 
-LOCK = ".anystep.lock"
 RUN_KIND = "run"
 # Changing these on resume is what resuming is for (a longer run, other logging); the run honours them.
 FREE_ON_RESUME = {"steps", "log_every", "ckpt_every", "probe_every", "threads", "out"}
@@ -51,48 +49,6 @@ def _method_name(method: str, cfg) -> str:
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _take_lock(out: Path) -> Path:
-    lock = out / LOCK
-    body = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            try:
-                held = json.loads(lock.read_text())
-                pid, host = int(held["pid"]), held.get("host")
-            except (OSError, ValueError, KeyError, TypeError):
-                pid, host = None, None
-            if pid is not None and (host not in (None, socket.gethostname()) or _pid_alive(pid)):
-                where = f" on {host}" if host and host != socket.gethostname() else ""
-                raise UserError(f"{out} is being written by another run (PID {pid}{where}); wait for it to finish, or "
-                                f"use another out=; if that process is gone, delete {lock}") from None
-            lock.unlink(missing_ok=True)  # a dead run's lock
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(body + "\n")
-        return lock
-    raise UserError(f"{out}: another run took the lock {lock} at the same moment; run the command again")
-
-
-def _release_lock(lock: Path) -> None:
-    try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def _previous(method: str, out: Path) -> tuple[dict | None, int]:
@@ -177,7 +133,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} exists and is not a folder; choose another out=")
     created = not out.exists()
-    if not created and any(out.iterdir()) and not _is_ours(out):
+    if not created and has_entries(out) and not _is_ours(out):
         raise UserError(f"out={out} is a non-empty folder that is not an anystep run; it is left as it is: "
                         "choose a new or empty out=")
     from anystep.fsutil import check_parent_writable
@@ -186,7 +142,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
     out.mkdir(parents=True, exist_ok=True)
     lock = None
     try:
-        lock = _take_lock(out)
+        lock = take_lock(out, "out=")
         meta, step = _previous(method, out)
         state = RunState(out=out, step=step)
         if meta is not None:
@@ -212,7 +168,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
         yield state
     except BaseException:
         if lock is not None:
-            _release_lock(lock)
+            release_lock(lock)
             lock = None
         # A refused or failed fresh run leaves no folder behind.
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".anystep"}:
@@ -220,7 +176,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
         raise
     finally:
         if lock is not None:
-            _release_lock(lock)
+            release_lock(lock)
 
 
 def _check_global_batch(out: Path, method: str, meta: dict, cfg, changed: dict) -> None:
