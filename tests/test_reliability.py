@@ -77,7 +77,7 @@ def models(tmp_path_factory):
     from conftest import make_tiny_teacher
 
     from anystep.models.students import student_folder_from_teacher
-    from anystep.train.stage1 import Stage1Config, train_stage1
+    from anystep.train.stage1 import Stage1Config
 
     root = tmp_path_factory.mktemp("rel")
     teacher = make_tiny_teacher(root / "t", steps=1)

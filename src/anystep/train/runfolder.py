@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,5 +211,3 @@ def apply_resumed_hyperparams(opt, sched, lrs, betas=None, weight_decay=None) ->
             g["betas"] = tuple(betas)
         if weight_decay is not None:
             g["weight_decay"] = weight_decay
-
-
