@@ -48,7 +48,7 @@ def test_generate_from_prompt_file(teacher_dir, tmp_path):
     prompts.write_text("a red three moving left\na blue one moving up\n")
     out = tmp_path / "clips"
     assert main(["generate", "--model", str(teacher_dir), "--prompts", str(prompts), "--steps", "1", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0000.mp4", "0001.mp4", "grid.png", "prompts.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".anystep", "0000.mp4", "0001.mp4", "grid.png", "prompts.txt"]
 
 
 @pytest.mark.parametrize(

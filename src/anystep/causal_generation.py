@@ -14,6 +14,8 @@ trained by plain flow matching), or denoise-to-x0 and re-noise (the consistency 
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +25,7 @@ import torch
 from anystep.flow.schedule import sampling_grid
 
 
-class ConditioningError(ValueError):
+class ConditioningError(UserError, ValueError):
     """Conditioning frames that cannot be used (one-line message)."""
 
 

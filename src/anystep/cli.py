@@ -7,6 +7,7 @@ line on stderr and exit code 2, with nothing half-written left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,9 +16,7 @@ from pathlib import Path
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "toy-teacher"
 
 
-class UserError(Exception):
-    """Bad input: reported in one line, exit code 2."""
-
+from anystep.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, disk_full_line, message_line, os_error_line
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
@@ -49,7 +48,10 @@ def _read_prompts(args) -> list[str]:
     path = Path(args.prompts)
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     while lines and not lines[-1].strip():  # a trailing newline is not an empty prompt
         lines.pop()
     if not lines:
@@ -70,18 +72,31 @@ def _load(folder):
         raise UserError(str(e)) from None
 
 
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def cmd_generate(args) -> int:
     import torch
 
+    from anystep.fsutil import check_out_file, check_out_folder
     from anystep.io import frame_grid, write_mp4, write_png
     from anystep.sampling import generate
 
     prompts = _read_prompts(args)
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    _positive(args, "steps", "batch_size", "fps", "height", "width", "num_frames")
     out = Path(args.out)
-    if len(prompts) == 1 and out.suffix.lower() != ".mp4":
-        raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
+    # Every output path is checked before the model is even loaded: a refusal costs nothing.
+    if len(prompts) == 1:
+        if out.suffix.lower() != ".mp4":
+            raise UserError(f"--out must name an .mp4 file for a single prompt, got {out}")
+        check_out_file(out, args.overwrite)
+        check_out_file(out.with_suffix(".png"), args.overwrite, what="--out (its .png frame grid)")
+    else:
+        check_out_folder(out, "clips", overwrite=args.overwrite)
     model = _load(args.model)
     num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     if (args.image or args.video) and model.kind != "anyflow_far":
@@ -106,22 +121,34 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     if len(prompts) == 1:
-        write_mp4(videos[0], out, fps=args.fps)
-        write_png(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))
+        from anystep.fsutil import atomic_files
+        from anystep.io import mp4_item, png_item
+
+        # The clip and its grid are renamed into place together, after both were written and checked.
+        atomic_files([mp4_item(videos[0], out, fps=args.fps),
+                      png_item(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))])
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, v in enumerate(videos):
-            write_mp4(v, out / f"{i:04d}.mp4", fps=args.fps)
-        write_png(frame_grid(videos, scale=2), out / "grid.png")
-        (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        from anystep.train.common import atomic_save_folder
+
+        def write(tmp):
+            for i, v in enumerate(videos):
+                write_mp4(v, tmp / f"{i:04d}.mp4", fps=args.fps)
+            write_png(frame_grid(videos, scale=2), tmp / "grid.png")
+            (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+        atomic_save_folder(write, out, kind="clips")
         print(f"wrote {len(prompts)} clips and grid.png to {out}")
     return 0
 
 
 def _generate_far(model, prompts, args, num_frames: int, out: Path):
-    """FAR models: chunk by chunk (T2V, or I2V / V2V from --image / --video); a single clip is
-    rewritten to ``out`` after every chunk, so a long clip shows its progress as it grows."""
+    """FAR models: chunk by chunk (T2V, or I2V / V2V from --image / --video). A single clip is
+    rewritten after every chunk, so a long clip shows its progress as it grows -- under a temporary
+    name beside ``out``, removed at the end: ``out`` itself is written once, complete."""
+    import os
+    import tempfile
+
     import torch
 
     from anystep.causal_generation import context_latents, generate_causal, read_frames
@@ -132,22 +159,40 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
         raise UserError("AnyFlow-FAR students are guidance-fused: --guidance-scale is not used with them")
     ctx = None
     if args.image or args.video:
-        ctx = context_latents(model, read_frames(args.image or args.video), args.height, args.width)
+        frames = read_frames(args.image or args.video)
+        ctx = context_latents(model, frames, args.height, args.width)
+        from anystep.models.latents import temporal_factor
+
+        used = (ctx.shape[1] - 1) * temporal_factor(model.codec) + 1
+        if used < frames.shape[0]:  # whole chunks only: say which frames condition the clip
+            print(f"conditioning on the first {used} of the {frames.shape[0]} given frame(s) (the whole chunks they "
+                  f"cover); the rest is generated", flush=True)
     n_chunks = len(model.transformer.config.chunk_partition)
+    partial = None
+    if len(prompts) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.partial.", suffix=".mp4")
+        os.close(fd)
 
     def on_chunk(k, lat):
-        if len(prompts) == 1:
-            write_mp4(latents_to_video(model, lat)[0], out, fps=args.fps)
-        print(f"chunk {k + 1}/{n_chunks} done ({lat.shape[1]} latent frames)", flush=True)
+        where = ""
+        if partial is not None:
+            write_mp4(latents_to_video(model, lat)[0], partial, fps=args.fps)
+            where = f" -> {partial}"
+        print(f"chunk {k + 1}/{n_chunks} done ({lat.shape[1]} latent frames){where}", flush=True)
 
-    videos = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i : i + args.batch_size]
-        lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
-                              width=args.width, context=ctx, on_chunk=on_chunk,
-                              guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
-        videos.append(latents_to_video(model, lat))
-    return torch.cat(videos)
+    try:
+        videos = []
+        for i in range(0, len(prompts), args.batch_size):
+            chunk = prompts[i : i + args.batch_size]
+            lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
+                                  width=args.width, context=ctx, on_chunk=on_chunk,
+                                  guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
+            videos.append(latents_to_video(model, lat))
+        return torch.cat(videos)
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
 
 
 def _default_frames(model) -> int:
@@ -159,7 +204,19 @@ def _default_frames(model) -> int:
 def _check_frames(model, num_frames: int, height: int, width: int) -> None:
     if num_frames < 1:
         raise UserError(f"--num-frames must be >= 1, got {num_frames}")
-    model.latent_shape(num_frames, height, width)  # raises ValueError on a bad canvas
+    if height < 1 or width < 1:
+        raise UserError(f"--height and --width must be >= 1, got {height}x{width}")
+    f_lat, _, h_lat, w_lat = model.latent_shape(num_frames, height, width)  # raises ValueError on a bad canvas
+    cfg = model.transformer.config
+    limit = getattr(cfg, "rope_max_seq_len", None)
+    if limit:
+        p = list(cfg.patch_size)
+        tokens = {"frames": (f_lat // p[0], num_frames), "height": (h_lat // p[1], height), "width": (w_lat // p[2], width)}
+        over = {k: v for k, v in tokens.items() if v[0] > limit}
+        if over:
+            k, (n, asked) = next(iter(over.items()))
+            raise UserError(f"--{'num-frames' if k == 'frames' else k} {asked} makes {n} positions along the {k}, "
+                            f"more than this model's {limit} (rope_max_seq_len); use a smaller value")
     if model.kind == "anyflow_far":
         part = list(model.transformer.config.chunk_partition)
         f_lat = model.latent_shape(num_frames, height, width)[0]
@@ -175,6 +232,9 @@ def cmd_eval(args) -> int:
     from anystep.eval.toybench import run_toybench
 
     steps = _steps_list(args.steps)
+    if args.n_prompts < 1:
+        raise UserError(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    _check_eval_out(Path(args.out), "toybench.json")
     model = _load(args.model)
     from anystep.data.moving_digits import WorldConfig
 
@@ -189,14 +249,30 @@ def cmd_eval(args) -> int:
         value = getattr(args, key)
         if value:
             domain[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+    from anystep.fsutil import folder_lock
+
     try:
-        result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
-                              num_frames=args.num_frames, context_frames=args.context_frames,
-                              guidance_scale=args.guidance_scale, teacher_reference=args.teacher_reference, **domain)
+        with folder_lock(args.out):
+            result = run_toybench(args.model, steps=steps, out_dir=args.out, n_prompts=args.n_prompts,
+                                  num_frames=args.num_frames, context_frames=args.context_frames,
+                                  guidance_scale=args.guidance_scale, teacher_reference=args.teacher_reference,
+                                  sampler=args.sampler, **domain)
     except ValueError as e:
         raise UserError(str(e).splitlines()[0]) from None
     _print_table(result)
     return 0
+
+
+def _check_eval_out(out: Path, result_file: str) -> None:
+    """An eval folder is reused (its finished step counts are kept); a foreign one is not written into."""
+    from anystep.fsutil import check_parent_writable, has_entries
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and has_entries(out) and not (out / result_file).exists() and not (out / "videos").is_dir():
+        raise UserError(f"--out {out} is a non-empty folder that holds no {result_file}; it is left as it is: choose a "
+                        "new or empty --out")
+    check_parent_writable(out / "x")
 
 
 def _eval_vbench(args) -> int:
@@ -210,6 +286,7 @@ def _eval_vbench(args) -> int:
         raise UserError("eval vbench takes one --steps value")
     if args.prompts is None:
         raise UserError("eval vbench needs --prompts FILE (one VBench prompt per line)")
+    _check_eval_out(Path(args.out), "vbench.json")
     try:
         pairs = read_prompt_pairs(args.prompts, args.augmented)
     except VBenchInputError as e:
@@ -329,13 +406,57 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from anystep.distributed import launched_world_size, setup, shutdown
-    from anystep.train.checkpoint import CheckpointError
+    from anystep.distributed import launched_world_size
+    from anystep.train.runfolder import claim_run_folder
 
     if launched_world_size() > 1 and args.method == "teacher":
         raise UserError("the toy teacher trains in one process; run `anystep train teacher` without torchrun")
     if check is not None:
         check(cfg)
+    allow = _allowed_changes(args.allow_changed, cfg)
+    from anystep.distributed import all_sum, setup, shutdown
+
+    env = setup()
+    with contextlib.ExitStack() as stack:
+        # Rank 0 owns the folder (lock, marker, metrics); the other ranks only write checkpoint shards.
+        state, refusal = None, None
+        if env.is_main:
+            try:
+                state = stack.enter_context(claim_run_folder(args.method, cfg, allow))
+            except (UserError, OSError) as e:
+                refusal = e
+        # Every rank learns rank 0's verdict: a refusal there must not leave the others in a collective.
+        import torch
+
+        code = (1 if refusal is not None else 2 if state is not None and state.finished else 0) if env.is_main else 0
+        verdict = int(all_sum(torch.tensor([float(code)]))[0])
+        if verdict == 1:
+            shutdown(together=False)
+            raise refusal if refusal is not None else UserError(f"rank 0 refused out={cfg.out} (its log says why)")
+        if verdict == 2:
+            shutdown()
+            if env.is_main:
+                print(f"{cfg.out} already finished at step {state.step} (steps={cfg.steps}); the {what} is in "
+                      f"{state.model} -- raise steps= to train further")
+            return 0
+        return _run_training(cfg, train, what)
+
+
+def _allowed_changes(items, cfg) -> set[str]:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)}
+    allow = {k.strip() for item in (items or []) for k in item.split(",") if k.strip()}
+    unknown = sorted(allow - names)
+    if unknown:
+        raise UserError(f"--allow-changed: unknown config key(s) {', '.join(unknown)}")
+    return allow
+
+
+def _run_training(cfg, train, what: str) -> int:
+    from anystep.distributed import setup, shutdown
+    from anystep.train.checkpoint import CheckpointError
+
     env = setup()
     try:
         folder = train(cfg)
@@ -355,17 +476,37 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_reproduce_out(out: Path) -> None:
+    """A reproduction resumes in its own folder (marker, or job records of an older run); a foreign
+    non-empty folder is refused."""
+    from anystep.fsutil import check_parent_writable, has_entries, read_marker
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and has_entries(out):
+        marker = read_marker(out)
+        ours = (marker or {}).get("kind") == "reproduce" if marker else (
+            (out / "results.json").is_file() or any(out.glob("*/reproduce_job.json")) or any(out.glob("*/*/reproduce_job.json")))
+        if not ours:
+            raise UserError(f"--out {out} is a non-empty folder that is not a reproduction; it is left as it is: "
+                            "choose a new or empty --out")
+    check_parent_writable(out / "x")
+
+
 def cmd_reproduce(args) -> int:
     from anystep.reproduce import SettingsChanged, reproduce
 
     if args.teacher is not None and _load(args.teacher).kind != "teacher":
         raise UserError(f"{args.teacher}: --teacher must be a Wan teacher folder")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    _check_reproduce_out(out)
     command = "anystep " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("anystep") else ""
+    from anystep.fsutil import folder_lock, write_marker
+
     try:
-        reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
+        with folder_lock(out):
+            write_marker(out, "reproduce")
+            reproduce(out, quick=args.quick, teacher=args.teacher, measure_cost=not args.no_cost, command=command)
     except SettingsChanged as e:
         raise UserError(str(e)) from None
     print(f"report written to {out / 'report.md'}")
@@ -373,9 +514,11 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from anystep.data.shards import ShardError, write_synthetic
+    from anystep.data.shards import ShardError, check_shard_out, write_synthetic
+    from anystep.fsutil import folder_lock
 
     prompts = _read_prompts(args)
+    check_shard_out(Path(args.out))  # before the lock file goes into it
     model = _load(args.teacher)
     if model.kind != "teacher":
         raise UserError(f"{args.teacher}: synthetic data comes from a Wan teacher folder, got a {model.kind!r} folder")
@@ -384,8 +527,12 @@ def cmd_synth(args) -> int:
     num_frames = args.num_frames if args.num_frames is not None else _default_frames(model)
     try:
         _check_frames(model, num_frames, args.height, args.width)
-        paths = write_synthetic(model, prompts, args.out, steps=args.steps, guidance=args.guidance, num_frames=num_frames,
-                                height=args.height, width=args.width, shard_size=args.shard_size, seed=args.seed)
+        # Under torchrun every rank writes its own shards; rank 0 holds the folder's lock for all.
+        lock = folder_lock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+        with lock:
+            paths = write_synthetic(model, prompts, args.out, steps=args.steps, guidance=args.guidance,
+                                    num_frames=num_frames, height=args.height, width=args.width,
+                                    shard_size=args.shard_size, seed=args.seed)
     except (ShardError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"{len(paths)} shard(s) of this rank in {args.out}")
@@ -394,8 +541,10 @@ def cmd_synth(args) -> int:
 
 def cmd_export(args) -> int:
     from anystep.export import ExportError, export_run
+    from anystep.fsutil import check_out_folder
     from anystep.models.folders import ModelFolderError
 
+    check_out_folder(args.out, "model", overwrite=args.overwrite)
     try:
         dest = export_run(args.run, args.out, lora_file=args.lora_file, use_ema=not args.no_ema)
     except (ExportError, ModelFolderError) as e:
@@ -410,8 +559,13 @@ def cmd_encode(args) -> int:
     model = _load(args.model)
     if args.shard_size < 1:
         raise UserError("--shard-size must be >= 1")
+    from anystep.data.shards import check_shard_out
+    from anystep.fsutil import folder_lock
+
+    check_shard_out(Path(args.out))  # before the lock file goes into it
     try:
-        paths = encode_clips(model, args.clips, args.out, shard_size=args.shard_size)
+        with folder_lock(args.out):
+            paths = encode_clips(model, args.clips, args.out, shard_size=args.shard_size)
     except (ShardError, ValueError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     print(f"{len(paths)} shard(s) in {args.out}")
@@ -422,6 +576,9 @@ def cmd_student(args) -> int:
     from anystep.models.folders import ModelFolderError
     from anystep.models.students import student_folder_from_teacher
 
+    from anystep.fsutil import check_out_folder
+
+    check_out_folder(args.out, "model", overwrite=args.overwrite)
     part = None
     if args.chunk_partition:
         try:
@@ -455,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None, help="FAR models: image-to-video from this first frame")
     g.add_argument("--video", default=None, help="FAR models: video-to-video continuing this clip's first chunks")
     g.add_argument("--fps", type=int, default=4)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .png)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="score a model: ToyBench at several step counts (default) or VBench")
@@ -472,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="toybench: CFG of a teacher / flow-matching student (default 4.0)")
     e.add_argument("--context-frames", type=int, default=0,
                    help="toybench, FAR models: continue the first N frames of each prompt's real clip (1 = image-to-video)")
+    e.add_argument("--sampler", choices=["flowmap", "consistency"], default=None,
+                   help="toybench: sample a flow-map or consistency student with this sampler instead of its own")
     e.add_argument("--teacher-reference", default=None,
                    help="toybench: also the Frechet distance to this teacher's 50-step samples of the same prompts and seeds")
     e.add_argument("--height", type=int, default=32)
@@ -482,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("method", choices=["teacher", "stage1", "stage2", "consistency_init"])
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--allow-changed", action="append", default=[], metavar="KEY[,KEY]",
+                   help="resume a run although these config keys changed (the new values apply from the resumed step)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.set_defaults(func=cmd_train)
 
@@ -518,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--lora-file", action="store_true", help="keep the LoRA as pytorch_lora_weights.safetensors")
     x.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("student", help="build a flow-map student folder from a Wan teacher folder")
@@ -525,14 +688,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--causal", action="store_true", help="AnyFlow-FAR (causal) instead of bidirectional")
     s.add_argument("--chunk-partition", default=None, help="e.g. 1,3,3,3,3 (causal only)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     s.set_defaults(func=cmd_student)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from anystep.config import ConfigError
+def _report(line: str) -> None:
+    """The one error line, on a line of its own: a progress bar left open by the failure is closed first."""
+    try:
+        from tqdm import tqdm
 
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # never let the bars hide the message
+        pass
+    print(line, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the single place where failures become one ``anystep: error:`` line."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -544,15 +719,28 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             raise UserError(f"anystep: unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
-    except (UserError, ConfigError) as e:
-        msg = str(e)
-        if not msg.startswith("anystep"):
-            msg = f"anystep: error: {msg}"
-        print(msg, file=sys.stderr)
-        return 2
+    except UserError as e:
+        _report(message_line(e))
+        return EXIT_USER
     except KeyboardInterrupt:
-        print("anystep: interrupted", file=sys.stderr)
-        return 130
+        _report("anystep: error: interrupted (Ctrl-C); files written before are kept as they were")
+        return EXIT_INTERRUPTED
+    except FloatingPointError as e:
+        _report(f"anystep: error: training diverged: {str(e).splitlines()[0]}; try a lower lr, a longer warmup or a "
+                "smaller grad_clip; the last checkpoint is kept and resumes with the same command")
+        return EXIT_USER
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        _report(f"anystep: error: {line}")
+        return EXIT_USER
+    except Exception as e:
+        line = disk_full_line(e)
+        if line is None:
+            raise  # a bug: its traceback, exit code 1
+        _report(f"anystep: error: {line}")
+        return EXIT_USER
 
 
 if __name__ == "__main__":

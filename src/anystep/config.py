@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A recipe or override that cannot be used (reported as a one-line error)."""
 
 
@@ -74,9 +76,62 @@ def build_config_from_dict(cls, data: dict):
     for k, v in list(data.items()):
         data[k] = _coerce(k, v, names[k])
     try:
-        return cls(**data)
+        cfg = cls(**data)
     except TypeError as e:
         raise ConfigError(str(e)) from None
+    validate(cfg)
+    return cfg
+
+
+# Checked by field name, so every method's config (and any later one) gets the same rules.
+_AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "probe_every", "num_frames",
+                 "consistency_steps", "grid_steps", "ode_steps", "min_chunks")
+_NON_NEGATIVE = ("weight_decay", "warmup", "cooldown", "ema_start", "threads", "lora_rank", "lora_alpha",
+                 "critic_lora_rank", "critic_lora_alpha", "long_num_frames", "seed", "sign_weight", "text_sep_weight",
+                 "dmd_weight", "stage1_weight", "adaptive_c", "fd_eps")
+_POSITIVE = ("lr", "critic_lr", "grad_clip", "shift", "text_lr_mult")
+_FRACTIONS = ("ema_decay", "chunk_sample_prob", "bidirectional_aux_prob", "null_prob", "boundary_frac", "zero_frac",
+              "long_frac", "uniform_t_frac", "text_sep_ratio")
+_CHOICES = {
+    "loss_weight": ("beta", "uniform", "normal"),
+    "method": ("flowmap", "flow_matching"),
+    "timestep_cond": ("interpolated", "zero_init"),
+    "rollout": ("flowmap", "consistency"),
+}
+_INT_LISTS = ("chunk_partition", "step_budgets")
+
+
+def validate(cfg) -> None:
+    """Refuse values that would only fail (or silently do nothing) deep inside a run."""
+    import math
+
+    values = dataclasses.asdict(cfg)
+
+    def bad(key, want):
+        raise ConfigError(f"config key {key!r} must be {want}, got {values[key]!r}")
+
+    for k in _AT_LEAST_ONE:
+        if k in values and values[k] < 1:
+            bad(k, ">= 1")
+    for k in _NON_NEGATIVE:
+        if k in values and not values[k] >= 0:
+            bad(k, ">= 0")
+    for k in _POSITIVE:
+        if k in values and not (values[k] > 0 and math.isfinite(values[k])):
+            bad(k, "a finite number > 0")
+    for k in _FRACTIONS:
+        if k in values and not 0 <= values[k] <= 1:
+            bad(k, "between 0 and 1")
+    for k, choices in _CHOICES.items():
+        if k in values and values[k] not in choices:
+            bad(k, f"one of {', '.join(choices)}")
+    if "betas" in values:
+        b = values["betas"]
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            bad("betas", "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    for k in _INT_LISTS:
+        if k in values and not all(isinstance(x, int) and x >= 1 for x in values[k]):
+            bad(k, "a list of integers >= 1")
 
 
 def _coerce(key: str, value, f: dataclasses.Field):

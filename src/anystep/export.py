@@ -14,12 +14,14 @@ separate file for ``pipe.load_lora_weights``.
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 from pathlib import Path
 
 import torch
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A run folder that cannot be exported (one-line message)."""
 
 
@@ -62,6 +64,7 @@ def export_run(run_dir, dest, lora_file: bool = False, use_ema: bool = True) -> 
         checkpoint_dir,
         has_checkpoint,
         load_checkpoint,
+        missing_piece,
         read_meta,
         recover_interrupted_swap,
     )
@@ -71,6 +74,9 @@ def export_run(run_dir, dest, lora_file: bool = False, use_ema: bool = True) -> 
     recover_interrupted_swap(run_dir)
     if not has_checkpoint(run_dir):
         raise ExportError(f"{run_dir} is not a training run folder (no {where.name}/ checkpoint)")
+    missing = missing_piece(where)
+    if missing is not None:
+        raise ExportError(f"the checkpoint in {where} is incomplete or damaged ({missing}); export another run")
     try:
         meta = read_meta(run_dir)
         module, pipe, key, ema_key, cfg, sampler, is_wan = _rebuild(meta, where)

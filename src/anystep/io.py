@@ -1,12 +1,12 @@
-"""Writing clips: mp4 and PNG frame grids, atomically (a temp file renamed into place)."""
+"""Writing clips: mp4 and PNG frame grids, atomically (a checked temp file renamed into place)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from anystep.errors import UserError
 
 
 def to_uint8(video) -> np.ndarray:
@@ -22,34 +22,79 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return frames.repeat(scale, axis=1).repeat(scale, axis=2)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary name beside ``path``, then rename (writers such as ffmpeg
-    want a path, not a file object)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+class VideoWriteError(UserError):
+    """ffmpeg failed or wrote a clip that does not read back (the destination is left untouched)."""
+
+
+def _ffmpeg_encode(frames: np.ndarray, tmp: str, fps: int) -> None:
+    """Encode (F, H, W, 3) uint8 frames with libx264 (imageio's quality 9 = CRF 5) and check
+    ffmpeg's exit status: imageio ignores it, and a full disk then ends in a truncated file."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    f, h, w, _ = frames.shape
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+           "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", str(int(fps)), "-i", "-", "-an", "-vcodec", "libx264",
+           "-pix_fmt", "yuv420p", "-crf", "5", "-f", "mp4", tmp]
+    # Its own process group: a Ctrl-C in the terminal reaches us, and we stop ffmpeg ourselves.
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        _, err = proc.communicate(np.ascontiguousarray(frames).tobytes())
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        proc.kill()
+        proc.wait()
         raise
+    if proc.returncode != 0:
+        text = err.decode(errors="replace").strip().splitlines()
+        _raise_if_disk_full(tmp, text)
+        raise VideoWriteError(f"ffmpeg could not write {tmp} ({text[-1] if text else proc.returncode})")
+
+
+def _raise_if_disk_full(tmp: str, ffmpeg_lines) -> None:
+    import errno
+    import shutil
+
+    joined = " ".join(ffmpeg_lines).lower()
+    if "no space" in joined or shutil.disk_usage(Path(tmp).parent).free < 64 * 1024:
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(tmp).parent))
+
+
+def _check_mp4(tmp: str, n_frames: int) -> None:
+    import imageio_ffmpeg
+
+    try:
+        got, _ = imageio_ffmpeg.count_frames_and_secs(tmp)
+    except (RuntimeError, OSError) as e:
+        _raise_if_disk_full(tmp, [str(e)])
+        raise VideoWriteError(f"the clip written to {tmp} does not read back ({str(e).splitlines()[0]})") from None
+    if got != n_frames:
+        _raise_if_disk_full(tmp, [])
+        raise VideoWriteError(f"the clip written to {tmp} has {got} frames, not {n_frames}")
+
+
+def mp4_item(video, path, fps: int = 4, scale: int = 4):
+    """(path, write, check) for :func:`anystep.fsutil.atomic_files`: an H.264 mp4, checked for
+    ffmpeg's success and for every frame reading back."""
+    if int(fps) < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    frames = upscale(to_uint8(video), scale)
+    return Path(path), lambda tmp: _ffmpeg_encode(frames, tmp, fps), lambda tmp: _check_mp4(tmp, len(frames))
+
+
+def png_item(image: np.ndarray, path):
+    from PIL import Image
+
+    return Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"), None
 
 
 def write_mp4(video, path, fps: int = 4, scale: int = 4) -> Path:
-    import imageio.v2 as imageio
+    """Write an mp4 beside ``path``, check it, then rename it into place: on any failure the
+    previous ``path`` is untouched."""
+    from anystep.fsutil import atomic_files
 
-    path = Path(path)
-    frames = upscale(to_uint8(video), scale)
-
-    def write(tmp):
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=1) as w:
-            for f in frames:
-                w.append_data(f)
-
-    _atomic_write(path, write)
-    return path
+    return atomic_files([mp4_item(video, path, fps, scale)])[0]
 
 
 def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
@@ -64,8 +109,6 @@ def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, path) -> Path:
-    from PIL import Image
+    from anystep.fsutil import atomic_files
 
-    path = Path(path)
-    _atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-    return path
+    return atomic_files([png_item(image, path)])[0]

@@ -27,6 +27,8 @@ fresh ``--out``), so numbers from two settings are never mixed.
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import hashlib
 import json
 import time
@@ -157,7 +159,7 @@ def _config_class(kind: str):
     }[kind]
 
 
-class SettingsChanged(ValueError):
+class SettingsChanged(UserError, ValueError):
     """A finished or partial job in ``--out`` was made with different settings."""
 
 

@@ -118,8 +118,10 @@ class WorldConfig:
         return 8 * self.digit_scale
 
     def validate(self) -> None:
+        from anystep.config import ConfigError  # a ValueError: callers that catch that still do
+
         if self.num_frames < 2:
-            raise ValueError(f"num_frames must be >= 2, got {self.num_frames}")
+            raise ConfigError(f"num_frames must be >= 2 for the moving-digits world, got {self.num_frames}")
         if self.digit_size + self.travel > self.canvas:
             raise ValueError(
                 f"a {self.digit_size}px digit travelling {self.travel}px does not fit a {self.canvas}px canvas"

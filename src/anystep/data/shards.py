@@ -19,6 +19,8 @@ of ``(seed, s)`` and the rank, so a resumed run reads exactly what it would have
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 import os
 from pathlib import Path
@@ -29,12 +31,23 @@ import torch
 MANIFEST = "manifest.json"
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard folder that cannot be written to or read (one-line message)."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def check_shard_out(out: Path) -> None:
+    """A shard folder is written only where it is new, empty, or already a shard folder (resumed)."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
+    from anystep.fsutil import has_entries
+
+    if out.is_dir() and has_entries(out) and not (out / MANIFEST).is_file():
+        raise ShardError(f"--out {out} is a non-empty folder that is not a shard folder (no {MANIFEST}); it is left as "
+                         "it is: choose a new or empty --out")
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -60,6 +73,7 @@ def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance:
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
     out = Path(out)
+    check_shard_out(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"teacher": str(teacher.folder), "steps": steps, "guidance": guidance, "num_frames": num_frames,
                 "height": height, "width": width, "shard_size": shard_size, "seed": seed, "num_prompts": len(prompts),
@@ -100,11 +114,9 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     taken in sorted name order; all must share one size and length. Resumable like the synthetic
     shards (an existing shard is kept)."""
     from anystep.causal_generation import read_frames
-    from anystep.models.latents import encode_pixels
-    from anystep.models.text import encode_prompts
-    from anystep.train.common import atomic_write
 
     clips_dir, out = Path(clips_dir), Path(out)
+    check_shard_out(out)
     if not clips_dir.is_dir():
         raise ShardError(f"clip folder not found: {clips_dir}")
     videos = sorted(clips_dir.glob("*.mp4"))
@@ -115,7 +127,10 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
         cap = v.with_suffix(".txt")
         if not cap.is_file():
             raise ShardError(f"{v.name} has no caption file {cap.name}")
-        text = " ".join(cap.read_text().split())
+        try:
+            text = " ".join(cap.read_text(encoding="utf-8").split())
+        except UnicodeDecodeError:
+            raise ShardError(f"caption {cap} is not UTF-8 text; save it as UTF-8") from None
         if not text:
             raise ShardError(f"caption {cap.name} is empty")
         captions.append(text)
@@ -123,7 +138,26 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     manifest = {"source": str(clips_dir), "codec": type(model.codec).__name__, "shard_size": shard_size,
                 "num_prompts": len(videos), "num_shards": (len(videos) + shard_size - 1) // shard_size,
                 "num_frames": int(first.shape[0]), "height": int(first.shape[2]), "width": int(first.shape[3])}
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    new_manifest = not (out / MANIFEST).exists()
+    try:
+        return _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress)
+    except BaseException:
+        # A clip that fails to read leaves no manifest-only folder behind (a lock file is the caller's).
+        if new_manifest and not any(out.glob("shard-*.safetensors")):
+            (out / MANIFEST).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress) -> list[Path]:
+    from anystep.causal_generation import read_frames
+    from anystep.models.latents import encode_pixels
+    from anystep.models.text import encode_prompts
+    from anystep.train.common import atomic_write
+
     mpath = out / MANIFEST
     if mpath.exists() and json.loads(mpath.read_text()) != manifest:
         raise ShardError(f"{out} holds shards made from different clips or settings; use a fresh --out")
@@ -161,21 +195,30 @@ class LatentShards:
     once with the model folder's own text encoder, as prompt dropout needs it)."""
 
     def __init__(self, folder, pipe=None, seed: int = 0):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         folder = Path(folder)
         if not (folder / MANIFEST).exists():
             raise ShardError(f"{folder} is not a shard folder (no {MANIFEST})")
-        self.manifest = json.loads((folder / MANIFEST).read_text())
-        files = [folder / shard_name(s) for s in range(self.manifest["num_shards"])]
+        try:
+            self.manifest = json.loads((folder / MANIFEST).read_text())
+            files = [folder / shard_name(s) for s in range(int(self.manifest["num_shards"]))]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{folder / MANIFEST} is not a shard manifest ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                             f"write the folder again with `anystep synth` or `anystep encode`") from None
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ShardError(f"{folder} is incomplete: {len(missing)} shard(s) missing, e.g. {missing[0]}")
         lat, self.prompts, self._emb = [], [], {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                ps = json.loads(h.metadata()["prompts"])
-                x, e = h.get_tensor("latents"), h.get_tensor("text_embeds")
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    ps = json.loads(h.metadata()["prompts"])
+                    x, e = h.get_tensor("latents"), h.get_tensor("text_embeds")
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+                raise ShardError(f"shard {f} cannot be read ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                                 "it is truncated or not a shard: delete it and run the same synth / encode command "
+                                 "to write it again") from None
             lat.append(x)
             self.prompts += ps
             self._emb.update({p: e[i] for i, p in enumerate(ps)})

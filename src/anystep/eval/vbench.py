@@ -14,6 +14,8 @@ its own environment. Without it, the videos are generated and one line says how 
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 from pathlib import Path
 
@@ -44,7 +46,7 @@ WEIGHTS = {d: (0.5 if d == "dynamic degree" else 1.0) for d in NORMALIZE}
 SEEDS_PER_PROMPT = 5
 
 
-class VBenchInputError(ValueError):
+class VBenchInputError(UserError, ValueError):
     """A prompt file that cannot be used (reported in one line)."""
 
 

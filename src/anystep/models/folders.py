@@ -10,6 +10,8 @@ has ``AutoencoderKLWan`` there. Both load through the same diffusers call.
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
 import json
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from anystep.models.card import write_model_card
 from anystep.train.common import atomic_save_folder
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(UserError, ValueError):
     """A model folder is missing, malformed or of the wrong layout (reported as a one-line error)."""
 
 
@@ -37,11 +39,12 @@ def save_teacher_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
     )
+
     def write(tmp):
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_model_card(tmp, training, name=Path(dest).name)
 
-    atomic_save_folder(write, dest)
+    atomic_save_folder(write, dest, kind="model")
     return Path(dest)
 
 
@@ -86,7 +89,7 @@ def save_anyflow_folder(dest, transformer, text_encoder, tokenizer, codec, shift
         (Path(tmp) / SAMPLER_FILE).write_text(json.dumps({"sampler": sampler}) + "\n")
         write_model_card(tmp, training, name=Path(dest).name)
 
-    atomic_save_folder(write, dest)
+    atomic_save_folder(write, dest, kind="model")
     return Path(dest)
 
 
@@ -117,6 +120,7 @@ def read_model_index(folder) -> dict:
 def load_pipeline(folder, torch_dtype=None):
     """Load any supported folder with the diffusers pipeline class it names."""
     import diffusers
+    from safetensors import SafetensorError
 
     import anystep.models.codec  # noqa: F401  diffusers resolves a toy folder's codec among imported modules only
 
@@ -125,6 +129,6 @@ def load_pipeline(folder, torch_dtype=None):
     try:
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
         return cls.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFolderError(f"{folder}: cannot load model: {first}") from None

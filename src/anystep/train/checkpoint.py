@@ -12,6 +12,9 @@ swaps the folder in by rename. A crash or a dying rank leaves the previous check
 
 from __future__ import annotations
 
+from anystep.errors import UserError
+
+import errno
 import json
 import os
 import shutil
@@ -39,7 +42,7 @@ META_NAME = "anystep_checkpoint.json"
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be read (one-line message)."""
 
 
@@ -73,6 +76,33 @@ def find_checkpoint(run_dir) -> bool:
     return has_checkpoint(run_dir)
 
 
+def missing_piece(ckpt: Path) -> str | None:
+    """What is missing or damaged in a DCP checkpoint folder, or None when every piece is there
+    (checked before DCP reads it: its own failures print tracebacks from inside its planner)."""
+    if not (ckpt / META_NAME).is_file():
+        return f"{META_NAME} is missing"
+    if not (ckpt / ".metadata").is_file():
+        return ".metadata is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # unpickling a damaged file raises anything
+        return f".metadata is unreadable ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for item in (md.storage_data or {}).values():
+        rel = getattr(item, "relative_path", None)
+        if rel is not None:
+            need[rel] = max(need.get(rel, 0), int(item.offset) + int(item.length))
+    for rel, size in sorted(need.items()):
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size < size:
+            return f"{rel} is truncated"
+    return None
+
+
 def read_meta(run_dir) -> dict:
     path = checkpoint_dir(run_dir) / META_NAME
     try:
@@ -104,29 +134,53 @@ def load_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer, st
 
 
 def save_checkpoint(run_dir, tensors: dict, meta: dict) -> Path:
-    """Collective: every rank calls it with its own shards. ``meta`` must be JSON-serialisable."""
+    """Collective: every rank calls it with its own shards. ``meta`` must be JSON-serialisable.
+
+    A failed or interrupted write (full disk, Ctrl-C) removes the temporary folder and leaves the
+    previous checkpoint as it was; a full disk is reported as the ``OSError`` it is, not as the
+    storage layer's ``RuntimeError``.
+    """
     run_dir = Path(run_dir)
     final, tmp = checkpoint_dir(run_dir), run_dir / f".{CHECKPOINT_DIR}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp), no_dist=_no_dist())
-    barrier()
-    if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        body = {"format": FORMAT, "world_size": world, **meta}
-        atomic_write(tmp / META_NAME, lambda f: f.write(json.dumps(body, indent=1, default=str)), binary=False)
-        old = run_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(run_dir)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=_no_dist())
+        barrier()
+        if rank == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            body = {"format": FORMAT, "world_size": world, **meta}
+            atomic_write(tmp / META_NAME, lambda f: f.write(json.dumps(body, indent=1, default=str)), binary=False)
+            old = run_dir / f".{CHECKPOINT_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(run_dir)
+    except BaseException as e:
+        full = not isinstance(e, (KeyboardInterrupt, OSError)) and _disk_full(run_dir)  # before the temp goes
+        if rank == 0 and not final.exists():
+            recover_interrupted_swap(run_dir)  # stopped between the two renames: keep the newest complete one
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from None
+        raise
     barrier()
     return final
+
+
+def _disk_full(path: Path) -> bool:
+    """DCP wraps a failed write in a RuntimeError / CheckpointException whose text varies by
+    version; the free space says what happened."""
+    try:
+        return shutil.disk_usage(path).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def load_checkpoint(run_dir, tensors: dict, single_process: bool = False, expect_global_batch: int | None = None) -> dict:

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anystep.errors import UserError
+from anystep.fsutil import apply_umask, read_marker, swap_folder_in, temp_folder_beside, write_marker
+
 
 class EMA:
     """Exponential moving average of a module's parameters, switched on after ``start`` updates."""
@@ -80,6 +83,7 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp, False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,25 +96,24 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_save_folder(write_fn, dest: str | os.PathLike) -> None:
+def atomic_save_folder(write_fn, dest: str | os.PathLike, kind: str | None = None) -> None:
     """Build a folder with ``write_fn(tmpdir)`` next to ``dest`` and swap it in by rename.
 
-    A crash leaves either the old folder or the new one, never a mix.
+    A crash leaves either the old folder or the new one, never a mix. ``kind`` marks the folder
+    as ours (:mod:`anystep.fsutil`); an existing ``dest`` is replaced only when it is empty, ours,
+    or a model folder (``model_index.json``) -- never a file or a foreign folder.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} exists and is not a folder; it is left as it is: choose another destination")
+    if dest.is_dir() and any(dest.iterdir()) and read_marker(dest) is None and not (dest / "model_index.json").is_file():
+        raise UserError(f"{dest} is a non-empty folder not written by anystep; it is left as it is: choose another destination")
+    tmp = temp_folder_beside(dest)
     try:
         write_fn(tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old)
+        if kind is not None:
+            write_marker(tmp, kind)
+        swap_folder_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

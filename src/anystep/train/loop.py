@@ -29,6 +29,7 @@ from anystep.train.checkpoint import (
 )
 from anystep.train.common import EMA, JsonlLogger, warmup_lambda
 from anystep.train.progress import Progress
+from anystep.train.runfolder import apply_resumed_hyperparams
 
 
 def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
@@ -128,6 +129,7 @@ class TrainLoop:
         meta = load_checkpoint(self.out, tensors, expect_global_batch=self.global_batch())
         load_optimizer_state(self.module, self.opt, tensors["optim"])
         self.sched.load_state_dict(meta["sched"])
+        apply_resumed_hyperparams(self.opt, self.sched, [self.cfg.lr], self.cfg.betas, self.cfg.weight_decay)
         self.step = int(meta["step"])
         return True
 

@@ -428,6 +428,10 @@ class Stage2Trainer:
         load_optimizer_state(self.critic, self.opt_c, tensors["opt_c"])
         self.sched_g.load_state_dict(meta["sched_g"])
         self.sched_c.load_state_dict(meta["sched_c"])
+        from anystep.train.runfolder import apply_resumed_hyperparams
+
+        apply_resumed_hyperparams(self.opt_g, self.sched_g, [self.cfg.lr], self.cfg.betas, self.cfg.weight_decay)
+        apply_resumed_hyperparams(self.opt_c, self.sched_c, [self.cfg.critic_lr], self.cfg.betas, self.cfg.weight_decay)
         self.step = int(meta["step"])
         return True
 

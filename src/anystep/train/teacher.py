@@ -298,6 +298,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         text_encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
+        from anystep.train.runfolder import apply_resumed_hyperparams
+
+        lrs = [cfg.lr] + ([cfg.lr * cfg.text_lr_mult] if cfg.train_text_encoder else [])
+        apply_resumed_hyperparams(opt, sched, lrs, cfg.betas, cfg.weight_decay)
         ema.load_state_dict(state["ema"])
         if ema_text is not None:
             ema_text.load_state_dict(state["ema_text"])
