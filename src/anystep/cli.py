@@ -19,6 +19,10 @@ SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "toy-teacher"
 from anystep.errors import EXIT_INTERRUPTED, EXIT_USER, UserError, disk_full_line, message_line, os_error_line
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)  # every help shows its default
+        super().__init__(*args, **kw)
+
     def error(self, message):  # one line instead of usage + message
         raise UserError(f"{self.prog}: {message}")
 
@@ -593,25 +597,54 @@ def cmd_student(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from anystep.plot import PlotError, plot_run
+
+    try:
+        out = plot_run(args.run, args.out)
+    except PlotError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def _train_method_help(argv: list[str]) -> bool:
+    """`anystep train METHOD --help`: the usual help, then every config key of that method."""
+    if len(argv) < 2 or argv[0] != "train" or not ({"-h", "--help"} & set(argv)):
+        return False
+    methods = _training_methods()
+    if argv[1] not in methods:
+        return False
+    from anystep.config_help import config_keys_help
+
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    print(sub.format_help())
+    print(config_keys_help(methods[argv[1]][0]))
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from anystep import __version__
+
     p = _Parser(prog="anystep", description="AnyFlow any-step video diffusion distillation on diffusers.")
+    p.add_argument("--version", action="version", version=f"anystep {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate clips at any step count")
     g.add_argument("--model", required=True)
-    g.add_argument("--prompt")
+    g.add_argument("--prompt", help="one prompt (or --prompts FILE)")
     g.add_argument("--prompts", help="a file with one prompt per line")
-    g.add_argument("--steps", type=int, default=4)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=4, help="sampling steps (network calls per clip: x2 for a guided teacher)")
+    g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
     g.add_argument("--out", required=True, help="an .mp4 for one prompt, a folder for a prompt file")
-    g.add_argument("--num-frames", type=int, default=None)
-    g.add_argument("--height", type=int, default=32)
-    g.add_argument("--width", type=int, default=32)
+    g.add_argument("--num-frames", type=int, default=None, help="frames per clip (default: the model's)")
+    g.add_argument("--height", type=int, default=32, help="pixels")
+    g.add_argument("--width", type=int, default=32, help="pixels")
     g.add_argument("--guidance-scale", type=float, default=None, help="teacher default 4.0; students 1.0")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="clips generated together")
     g.add_argument("--image", default=None, help="FAR models: image-to-video from this first frame")
     g.add_argument("--video", default=None, help="FAR models: video-to-video continuing this clip's first chunks")
-    g.add_argument("--fps", type=int, default=4)
+    g.add_argument("--fps", type=int, default=4, help="frames per second of the mp4")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .png)")
     g.set_defaults(func=cmd_generate)
 
@@ -690,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-partition", default=None, help="e.g. 1,3,3,3,3 (causal only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     s.set_defaults(func=cmd_student)
+    pl = sub.add_parser("plot", help="a training run's loss curves as a PNG")
+    pl.add_argument("run", help="a training run's out folder (holds metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="the PNG (default: RUN/losses.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 
@@ -709,6 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; the single place where failures become one ``anystep: error:`` line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if _train_method_help(list(sys.argv[1:] if argv is None else argv)):
+            return 0
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         # argparse cannot interleave a nargs="*" positional with options, so key=value
@@ -729,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"anystep: error: training diverged: {str(e).splitlines()[0]}; try a lower lr, a longer warmup or a "
                 "smaller grad_clip; the last checkpoint is kept and resumes with the same command")
         return EXIT_USER
+    except BrokenPipeError:  # `anystep ... | head` closed the pipe: the reader has what it wanted
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except OSError as e:
         line = os_error_line(e)
         if line is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from anystep.errors import UserError
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,9 @@ def build_config_from_dict(cls, data: dict):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown config key(s) for {cls.__name__}: {', '.join(unknown)}")
+        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, list(names), n=1)) else k
+                 for k in unknown]
+        raise ConfigError(f"unknown config key(s) for {cls.__name__}: {', '.join(hints)}")
     for k, v in list(data.items()):
         data[k] = _coerce(k, v, names[k])
     try:
