@@ -1,7 +1,7 @@
 """What a training run tells its user while it runs and when it ends.
 
-On a terminal: tqdm's bar with the last step's losses. Otherwise (a log file, a cluster job's
-stdout): one plain line per logging window -- the window's mean losses, learning rate, seconds per
+On a terminal: tqdm's bar (stderr) with the last step's losses. Otherwise (a log file, a cluster
+job's output): one plain line per logging window on stdout -- the window's mean losses, learning rate, seconds per
 step and time left -- because a bar redrawn with carriage returns becomes one unreadable line in a
 file. Either way the run ends with a summary line. Only the main rank speaks.
 """
@@ -31,10 +31,12 @@ class Progress:
     def __init__(self, name: str, total: int, initial: int = 0, *, enabled: bool = True, stream=None,
                  interactive: bool | None = None, shown: tuple[str, ...] = ("loss",)):
         self.name, self.total, self.enabled = name, int(total), bool(enabled)
-        self.stream = stream if stream is not None else sys.stderr
         if interactive is None:
-            interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+            interactive = bool(getattr(sys.stderr, "isatty", lambda: False)())
         self.interactive = interactive
+        # The bar lives on stderr like every tqdm bar; plain lines are the run's log and go to stdout,
+        # so stderr carries nothing but a failure's one line.
+        self.stream = stream if stream is not None else (sys.stderr if interactive else sys.stdout)
         self.shown = shown
         self.first = self.last_step = int(initial)
         self.t_start = self.t_window = time.time()
