@@ -93,34 +93,30 @@ def subprocess_env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A 40 MiB tmpfs, or a skip saying why there is none."""
-    mnt = tmp_path / "tmpfs"
+def _mounted_tmpfs(mnt: Path, options: str, why: str):
+    """Mount a tmpfs at ``mnt`` for the test and unmount it after, or skip saying why there is none."""
     mnt.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command here")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True, text=True)
     if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for the disk-full cases ({p.stderr.strip() or p.returncode})")
+        pytest.skip(f"cannot mount {why} ({p.stderr.strip() or p.returncode})")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 40 MiB tmpfs, or a skip saying why there is none."""
+    yield from _mounted_tmpfs(tmp_path / "tmpfs", "size=40m", "a tmpfs for the disk-full cases")
 
 
 @pytest.fixture
 def read_only(tmp_path):
     """A read-only tmpfs, or a skip saying why there is none."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs ({p.stderr.strip() or p.returncode})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from _mounted_tmpfs(tmp_path / "ro", "ro,size=1m", "a read-only tmpfs")
 
 
 def fill(folder, leave: int) -> None:
@@ -137,12 +133,17 @@ def fill(folder, leave: int) -> None:
             free -= n
 
 
+def foreign_folder(path: Path, name: str) -> Path:
+    """A folder anystep did not make, holding one file of the user's."""
+    path.mkdir()
+    (path / name).write_text("the user's\n")
+    return path
+
+
 # -- 1. the user's files are never destroyed -------------------------------------------------------
 def test_export_and_student_never_touch_a_foreign_folder_or_file(models, tmp_path, capsys):
     teacher, far, run, _ = models
-    d = tmp_path / "d"
-    d.mkdir()
-    (d / "t.txt").write_text("x\n")
+    d = foreign_folder(tmp_path / "d", "t.txt")
     f = tmp_path / "f.txt"
     f.write_text("hello\n")
     before = snapshot(tmp_path)
@@ -467,9 +468,7 @@ def test_other_outputs_refuse_a_foreign_folder(models, tmp_path, capsys):
     from anystep.io import write_mp4
 
     teacher, _, run, _ = models
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine\n")
+    foreign = foreign_folder(tmp_path / "foreign", "notes.txt")
     clips = tmp_path / "clips"
     clips.mkdir()
     write_mp4(torch.zeros(7, 3, 32, 32), clips / "a.mp4", scale=1)
