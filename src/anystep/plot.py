@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from anystep.errors import UserError
+from anystep.fsutil import atomic_file
 
-class PlotError(ValueError):
+
+class PlotError(UserError, ValueError):
     """The run folder has no readable metrics."""
 
 
@@ -68,13 +70,8 @@ def plot_run(run, out=None) -> Path:
         ax.axis("off")
     fig.suptitle(f"{Path(run).name} (window means where logged)", fontsize=11)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:  # written beside, then renamed: an interrupted plot never replaces a good one
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        atomic_file(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return out
