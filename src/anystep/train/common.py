@@ -8,14 +8,13 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from anystep.errors import UserError
-from anystep.fsutil import apply_umask, read_marker, swap_folder_in, temp_folder_beside, write_marker
+from anystep.fsutil import atomic_file, read_marker, swap_folder_in, temp_folder_beside, write_marker
 
 
 class EMA:
@@ -73,23 +72,14 @@ def warmup_cooldown_lambda(warmup: int, total: int, cooldown: int):
 
 
 def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
-    """Write through ``write(file_object)`` to a temporary file in the same folder, fsync, then
-    rename: a reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+    """Write through ``write(file_object)``; the file appears only complete (``fsutil.atomic_file``:
+    written beside, fsynced, renamed), so a reader or a crash never sees half of it."""
+
+    def through_file(tmp):
+        with open(tmp, "wb" if binary else "w") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        apply_umask(tmp, False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_file(path, through_file)
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
