@@ -1,5 +1,6 @@
 """The exact empirical-flow teacher (docs/design.md section 5): its posterior mean against a plain
-computation, a training clip at many steps, the blurred mean at one step."""
+computation, a training clip at many steps, the blurred mean at one step, and its batched form
+(per-sample t and prompt) against the pure function."""
 
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anystep.flow.empirical import EmpiricalTeacher, empirical_posterior_mean, empirical_velocity, prompt_clips
+from anystep.flow.empirical import EmpiricalFlow, empirical_posterior_mean, empirical_velocity, prompt_clips
 from anystep.flow.schedule import sampling_grid
 
 
@@ -53,19 +54,48 @@ def tiny_teacher(tmp_path_factory):
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-def test_empirical_teacher_on_movingdigits(tiny_teacher):
-    """In a model folder's latent space: 1 step is the mean of the prompt's training clips (a blur of
-    ~2,500 placements), 20 steps is one of those clips; CFG with the mixture keeps that."""
-    from anystep.eval.toybench import clip_scores
+@pytest.fixture(scope="module")
+def flow(tiny_teacher):
+    return EmpiricalFlow.from_folder(tiny_teacher, clips_per_prompt=8)
 
-    teacher = EmpiricalTeacher(str(tiny_teacher), n_others=64)
+
+def test_batched_posterior_means_match_the_pure_function_per_sample(flow):
+    """Per-sample t and prompt in one batch against empirical_posterior_mean on each prompt's own
+    clips (conditional) and on the whole set with a uniform prior (unconditional)."""
+    prompts = ["a green seven moving up", "a red zero moving left", "a green seven moving up"]
+    ids = flow.prompt_ids(prompts)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0.9, 0.5, 0.2])
+    x = flow.bank[ids * flow.k].view(3, *flow.latent_shape)
+    z = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * torch.randn(x.shape, generator=g)
+    mean_c, mean_u = flow.posterior_means(z, t, ids)
+    own = flow.bank.view(len(flow.prompts), flow.k, -1)
+    for b in range(3):
+        want_c = empirical_posterior_mean(z[b : b + 1].flatten(1).double(), float(t[b]), own[ids[b]].double())
+        want_u = empirical_posterior_mean(z[b : b + 1].flatten(1).double(), float(t[b]), flow.bank.double())
+        assert (mean_c[b].flatten() - want_c[0]).abs().max() < 1e-4
+        assert (mean_u[b].flatten() - want_u[0]).abs().max() < 1e-4
+    # The guided x0 is z - t v for the guided velocity, written without the division by t.
+    v = flow.velocity(z, t, ids, guidance=4.0)
+    x0 = flow.x0(z, t, ids, guidance=4.0)
+    assert (z - t.view(-1, 1, 1, 1, 1) * v - x0).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="knows the world"):
+        flow.prompt_ids(["a magenta one moving up"])
+
+
+def test_empirical_flow_lands_on_a_clip_of_the_prompt_and_one_step_is_their_mean(flow, tiny_teacher):
+    from anystep.eval.toybench import clip_scores
+    from anystep.sampling import initial_noise, latents_to_video, load_model
+
     prompt = "a green seven moving up"
-    clips = prompt_clips(prompt, teacher.world)
-    assert len(clips) % (teacher.world.canvas - teacher.world.digit_size + 1) == 0 and len(clips) > 1000
-    out = teacher.generate([(prompt, 5)], [1, 20])
-    assert np.abs(out[1][0] - clips.mean(0)).max() < 1e-4
-    d = np.abs(clips - out[20][0][None]).reshape(len(clips), -1).max(1)
-    assert d.min() < 1e-3
-    assert clip_scores(out[20][0], prompt)["total"] > 95 > clip_scores(out[1][0], prompt)["total"]
-    guided = teacher.generate([(prompt, 5)], [20], guidance=4.0)[20][0]
-    assert np.abs(clips - guided[None]).reshape(len(clips), -1).max(1).min() < 1e-2
+    own = flow.bank.view(len(flow.prompts), flow.k, -1)[flow.index[prompt]]
+    noise = initial_noise(flow.latent_shape, 1, 5)
+    one = flow.sample(noise, [prompt], 1)
+    assert (one.flatten(1)[0] - own.mean(0)).abs().max() < 1e-4  # t = 1: the posterior is the prior
+    for guidance in (None, 4.0):
+        many = flow.sample(noise, [prompt], 20, guidance).flatten(1)
+        assert (own - many).abs().max(1).values.min() < 1e-2
+    video = latents_to_video(load_model(tiny_teacher), flow.sample(noise, [prompt], 20))[0].numpy()
+    # The clip set is the world's: rendered in the prompt's colour and direction, of its digit.
+    assert len(prompt_clips(prompt, flow.world)) > flow.k
+    assert clip_scores(video, prompt)["total"] > 95

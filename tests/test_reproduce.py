@@ -70,8 +70,8 @@ def tiny_run(tmp_path_factory):
     teacher = make_tiny_teacher(root / "teacher", steps=2)
     small = {"batch_size": 2}
     budget = Budget(teacher_ft=1, stage1=2, stage2=1, consistency_init=1, flow_matching_causal=1, causal_frac=1.0,
-                    n_prompts=3, cost_repeats=1, student_steps=(1, 4), guided_steps=(2, 50),
-                    overrides={"stage1": small, "stage2": {**small, "critic_lora_rank": 4, "critic_lora_alpha": 4},
+                    n_prompts=3, cost_repeats=1, student_steps=(1, 4), guided_steps=(2, 50), real_score_clips=2,
+                    published_consistency=True, overrides={"stage1": small, "stage2": {**small, "critic_lora_rank": 4, "critic_lora_alpha": 4},
                                "consistency_init": {**small, "ode_steps": 4}})
     out = root / "out"
     logs: list[str] = []
@@ -86,8 +86,17 @@ def test_pipeline_writes_every_artefact(tiny_run):
     on_disk = json.loads((out / "results.json").read_text())
     for arch in ("bidirectional", "causal"):
         methods = on_disk["architectures"][arch]["methods"]
-        assert set(methods) == {"flow_matching", "consistency", "flowmap_consistency", "stage1", "anyflow"}
+        assert set(methods) == {"flow_matching", "real_score", "consistency", "consistency_published",
+                                "flowmap_consistency", "stage1", "anyflow"}
         assert methods["anyflow"]["sweep"]["4"]["nfe"] == 4
+        assert methods["real_score"]["sweep"]["50"]["nfe"] == 100
+    # The real score is the empirical flow of the arch's own clip length; it is what Stage 2 and the
+    # ODE-init distil from, with and without the co-trained Stage-1 term for the consistency baseline.
+    assert json.loads((out / "eval/causal/real_score/toybench.json").read_text())["num_frames"] == 13
+    for name in ("bidirectional/anyflow", "causal/consistency", "causal/consistency_init"):
+        assert json.loads((out / name / "reproduce_job.json").read_text())["config"]["real_score"] == "empirical"
+    pub = json.loads((out / "bidirectional/consistency_published/reproduce_job.json").read_text())["config"]
+    assert pub["stage1_weight"] == 0.0 and pub["student"] == str(out / "bidirectional/consistency_init/model")
     ref = on_disk["architectures"]["causal"]["teacher_reference"]
     assert ref["num_frames"] == 13 and ref["nfe"] == 100 and len(ref["per_clip"]["total"]) == 3
     assert on_disk["architectures"]["bidirectional"]["methods"]["flow_matching"]["sweep"]["2"]["nfe"] == 4
@@ -97,7 +106,7 @@ def test_pipeline_writes_every_artefact(tiny_run):
     assert json.loads((out / "causal/flow_matching/model/anystep.json").read_text())["sampler"] == "euler_cfg"
     # Causal rows are also scored image-to-video at the Table 2 NFE (4 here: 2 guided steps, 4 student steps).
     i2v = on_disk["architectures"]["causal"]["i2v"]
-    assert set(i2v) == set(on_disk["architectures"]["causal"]["methods"])
+    assert set(i2v) == set(on_disk["architectures"]["causal"]["methods"]) - {"real_score"}
     assert list(i2v["flow_matching"]) == ["2"] and list(i2v["anyflow"]) == ["4"]
     assert json.loads((out / "eval/causal/anyflow_i2v/toybench.json").read_text())["context_frames"] == 1
     assert "causal: image-to-video" in (out / "report.md").read_text()
@@ -105,7 +114,8 @@ def test_pipeline_writes_every_artefact(tiny_run):
     for arch in ("bidirectional", "causal"):
         cross = on_disk["architectures"][arch]["sampler_cross"]
         assert {m: (c["own"], c["other"]) for m, c in cross.items()} == {
-            "consistency": ("consistency", "flowmap"), "flowmap_consistency": ("consistency", "flowmap"),
+            "consistency": ("consistency", "flowmap"), "consistency_published": ("consistency", "flowmap"),
+            "flowmap_consistency": ("consistency", "flowmap"),
             "stage1": ("flowmap", "consistency"), "anyflow": ("flowmap", "consistency")}
         assert list(cross["anyflow"]["sweep"]) == ["4"]
     assert json.loads((out / "eval/causal/anyflow_consistency_sampler/toybench.json").read_text())["sampler"] == "consistency"

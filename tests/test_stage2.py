@@ -382,3 +382,42 @@ def test_consistency_init_targets_the_flow_map_students_guided_field():
         ode_field = vu + w * (vc - vu)
         # the student's conditional output at zero Stage-1 loss fuses to the data velocity vc
         assert torch.allclose(guidance_fused_velocity(ode_field, vu, fuse), vc)
+
+
+def test_empirical_real_score_is_the_exact_flow_with_cfg_4(teacher_dir, stage1_dir, tmp_path):
+    """real_score: empirical distils from the toy world's exact flow, v_c + 3 (v_c - v_u) (CFG 4 in
+    the usual form), whatever the teacher network says; the critic is still the teacher + LoRA."""
+    from anystep.config import ConfigError
+    from anystep.flow.empirical import EmpiricalFlow
+
+    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", real_score_clips=4))
+    flow = EmpiricalFlow.from_folder(teacher_dir, clips_per_prompt=4)
+    prompts = ["a red one moving up", "a blue seven moving left"]
+    ids = flow.prompt_ids(prompts)
+    z, cond = _inputs(5)
+    sigma = torch.tensor([0.8, 0.3])
+    got = tr.real_x0(z, sigma, cond, torch.randn_like(cond), prompts)
+    assert torch.equal(got, flow.x0(z, sigma, ids, guidance=4.0))
+    mean_c, mean_u = flow.posterior_means(z, sigma, ids)
+    assert (got - (mean_c + 3.0 * (mean_c - mean_u))).abs().max() < 1e-4
+    rec = tr.generator_step()
+    assert math.isfinite(rec["loss_dmd"]) and rec["loss_dmd"] > 0
+    with pytest.raises(ConfigError, match="moving_digits"):
+        Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", data=str(tmp_path)))
+
+
+def test_consistency_init_from_the_empirical_flow_regresses_its_ode_end_points(teacher_dir, tmp_path):
+    from anystep.train.baselines import ConsistencyInitConfig, ConsistencyInitMethod, ode_states
+
+    cfg = ConsistencyInitConfig(teacher=str(teacher_dir), out=str(tmp_path / "ci"), steps=1, batch_size=2, ode_steps=8,
+                                real_score="empirical", real_score_clips=4)
+    m = ConsistencyInitMethod(cfg)
+    x, prompts = m.data.batch(0, 2)
+    ids = m.empirical.prompt_ids(prompts)
+    noise, _ = _inputs(6)
+    states, x0 = ode_states(lambda z, t: m.empirical.velocity(z, t, ids, 3.0), noise, m.grid, 8)
+    assert torch.equal(states[0], noise.float())
+    own = m.empirical.bank.view(len(m.empirical.prompts), 4, -1)[ids]  # (B, K, D)
+    assert ((own - x0.flatten(1)[:, None]).abs().amax(2).amin(1) < 0.05).all()  # each lands on a clip of its prompt
+    loss, _ = m.loss(0, 0)
+    assert math.isfinite(loss.item())

@@ -88,7 +88,7 @@ def build_config_from_dict(cls, data: dict):
 
 # Checked by field name, so every method's config (and any later one) gets the same rules.
 _AT_LEAST_ONE = ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "probe_every", "num_frames",
-                 "consistency_steps", "grid_steps", "ode_steps", "min_chunks")
+                 "consistency_steps", "grid_steps", "ode_steps", "min_chunks", "real_score_clips")
 _NON_NEGATIVE = ("weight_decay", "warmup", "cooldown", "ema_start", "threads", "lora_rank", "lora_alpha",
                  "critic_lora_rank", "critic_lora_alpha", "long_num_frames", "seed", "sign_weight", "text_sep_weight",
                  "dmd_weight", "stage1_weight", "adaptive_c", "fd_eps")
@@ -100,6 +100,7 @@ _CHOICES = {
     "method": ("flowmap", "flow_matching"),
     "timestep_cond": ("interpolated", "zero_init"),
     "rollout": ("flowmap", "consistency"),
+    "real_score": ("teacher", "empirical"),
 }
 _INT_LISTS = ("chunk_partition", "step_budgets")
 

@@ -7,9 +7,13 @@ row (Table 2)          training                                             samp
 =====================  ====================================================  =====================
 Teacher / flow match.  (full mode) teacher fine-tune by flow matching,        Euler + CFG 4 (x2 NFE)
                        one per architecture on its clip length; the students
-                       start from it and Stage 2 scores with it
+                       and critics start from it
+Real score             none: the exact flow of the toy world's clips          Euler + CFG 4 (x2 NFE)
+                       (``anystep.flow.empirical``); Stage 2's DMD real score
+                       and the ODE-init's teacher (``Budget.real_score``)
 Flow matching (FAR)    causal student trained by flow matching (r = t)        Euler + CFG 4 (x2 NFE)
 Consistency            ODE-init -> consistency backward simulation + DMD     consistency
+ (full mode, also)     the same without the co-trained Stage-1 term           consistency
 Flow map + consistency Stage 1 -> consistency backward simulation + DMD      consistency
 AnyFlow, Stage 1 only  Stage 1 (Alg. 1)                                       flow-map Euler
 AnyFlow                Stage 1 -> flow-map backward simulation + DMD (Alg. 2) flow-map Euler
@@ -64,6 +68,14 @@ class Budget:
     student_steps: tuple[int, ...] = STUDENT_STEPS
     guided_steps: tuple[int, ...] = GUIDED_STEPS
     overrides: dict = field(default_factory=dict)  # per-job config overrides, e.g. {"stage2": {"lr": 1e-5}}
+    # What Stage 2 and the consistency ODE-init distil from: "empirical", the exact flow of the toy
+    # world's clips (clean converged samples; the network teacher stays every student's and critic's
+    # start, Wan's role), or "teacher", the teacher network itself as on Wan.
+    real_score: str = "empirical"
+    real_score_clips: int = 64
+    # Also train the consistency baseline without the co-trained Stage-1 term (Self-Forcing as
+    # published), beside the co-trained one that shares AnyFlow's Stage-2 loop.
+    published_consistency: bool = False
 
 
 # Quick: the README's main job, ~15 min on 2 CPU cores (the teacher ODE of the consistency
@@ -72,7 +84,9 @@ QUICK = Budget(teacher_ft=0, stage1=120, stage2=40, consistency_init=30, flow_ma
                causal_frac=0.5, n_prompts=16, cost_repeats=2, overrides={"consistency_init": {"ode_steps": 12}})
 # Full: about an hour on 2 CPU cores; its output is committed under docs/results/reproduce/.
 FULL = Budget(teacher_ft=300, stage1=600, stage2=200, consistency_init=100, flow_matching_causal=300,
-              causal_frac=0.5, n_prompts=40, cost_repeats=3)
+              causal_frac=0.5, n_prompts=40, cost_repeats=3, published_consistency=True)
+#: A row whose "folder" starts with this is the empirical flow in that teacher folder's latent space.
+EMPIRICAL = "empirical-flow:"
 
 
 @dataclass
@@ -105,6 +119,7 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
 
     s1, s2 = _toy("stage1"), _toy("stage2")
     ci = _toy("consistency_init")
+    real = dict(real_score=budget.real_score, real_score_clips=budget.real_score_clips)
     for arch in budget.archs:
         causal = arch == "causal"
         frac = budget.causal_frac if causal else 1.0
@@ -132,14 +147,21 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
             r["flow_matching"] = (label, t, budget.guided_steps, True)
         st1 = job(f"{arch}/stage1", "stage1", s1, method="flowmap", teacher=t, steps=n(budget.stage1), **geo, **part)
         init = job(f"{arch}/consistency_init", "consistency_init", ci, teacher=t, steps=n(budget.consistency_init),
-                   **geo, **part)
+                   **geo, **part, **real)
         cons = job(f"{arch}/consistency", "stage2", s2, student=init, teacher=t, rollout="consistency",
-                   steps=n(budget.stage2), **geo)
+                   steps=n(budget.stage2), **geo, **real)
         fmc = job(f"{arch}/flowmap_consistency", "stage2", s2, student=st1, teacher=t, rollout="consistency",
-                  steps=n(budget.stage2), **geo)
-        anyf = job(f"{arch}/anyflow", "stage2", s2, student=st1, teacher=t, rollout="flowmap", steps=n(budget.stage2), **geo)
+                  steps=n(budget.stage2), **geo, **real)
+        anyf = job(f"{arch}/anyflow", "stage2", s2, student=st1, teacher=t, rollout="flowmap", steps=n(budget.stage2),
+                   **geo, **real)
         ss = budget.student_steps
+        if budget.real_score == "empirical":
+            r["real_score"] = ("Real score: exact empirical flow (Euler + CFG)", EMPIRICAL + t, budget.guided_steps, False)
         r["consistency"] = ("Consistency ODE-init + consistency BS", cons, ss, False)
+        if budget.published_consistency:
+            pub = job(f"{arch}/consistency_published", "stage2", s2, student=init, teacher=t, rollout="consistency",
+                      steps=n(budget.stage2), stage1_weight=0.0, **geo, **real)
+            r["consistency_published"] = ("Consistency ODE-init + consistency BS, no co-trained Stage 1", pub, ss, False)
         r["flowmap_consistency"] = ("Flow-map training + consistency BS", fmc, ss, False)
         r["stage1"] = ("AnyFlow, Stage 1 only", st1, ss, False)
         r["anyflow"] = ("AnyFlow (Stage 1 + flow-map BS)", anyf, ss, False)
@@ -231,16 +253,20 @@ def run_job(job: Job) -> Path:
 
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
-          context_frames: int = 0, sampler: str | None = None) -> dict:
+          context_frames: int = 0, sampler: str | None = None, clips_per_prompt: int = 64) -> dict:
     from anystep.eval.toybench import run_toybench
 
+    if folder.startswith(EMPIRICAL):
+        from anystep.flow.empirical import EmpiricalFlowModel
+
+        folder = EmpiricalFlowModel(folder[len(EMPIRICAL):], clips_per_prompt)
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
                         num_frames=num_frames, context_frames=context_frames, sampler=sampler)
 
 
 #: Each student's own sampler (Table 2); the sampler cross table evaluates it with the other one too.
-OWN_SAMPLER = {"consistency": "consistency", "flowmap_consistency": "consistency", "stage1": "flowmap",
-               "anyflow": "flowmap"}
+OWN_SAMPLER = {"consistency": "consistency", "consistency_published": "consistency",
+               "flowmap_consistency": "consistency", "stage1": "flowmap", "anyflow": "flowmap"}
 OTHER_SAMPLER = {"flowmap": "consistency", "consistency": "flowmap"}
 
 
@@ -375,7 +401,8 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             k += 1
             say(f"ToyBench {k}/{n_evals}: {arch} {label}, steps {list(steps)}")
             ev_dir = out / "eval" / arch / method
-            res = _eval(folder, steps, ev_dir, budget.n_prompts)
+            frames = (CAUSAL_FRAMES if arch == "causal" else 7) if folder.startswith(EMPIRICAL) else None
+            res = _eval(folder, steps, ev_dir, budget.n_prompts, num_frames=frames, clips_per_prompt=budget.real_score_clips)
             real = real or res.get("real")
             methods[method] = {
                 "label": label, "folder": folder, "is_teacher": is_teacher, "eval_dir": str(ev_dir),
@@ -407,6 +434,8 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             # Against the text-to-video rows this separates making the first frame from continuing it.
             i2v = {}
             for method, (label, folder, steps, is_teacher) in r.items():
+                if folder.startswith(EMPIRICAL):
+                    continue  # a flow of whole clips: it has no first-frame conditioning
                 sel = _steps_at_nfe(steps, guided=(method == "flow_matching"))
                 say(f"ToyBench image-to-video: {arch} {label}, steps {list(sel)}")
                 res = _eval(folder, sel, out / "eval" / arch / f"{method}_i2v", budget.n_prompts, context_frames=1)

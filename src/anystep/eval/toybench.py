@@ -573,6 +573,8 @@ def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames:
                   context: torch.Tensor | None = None, guidance_scale: float | None = None) -> np.ndarray:
     from anystep.sampling import generate
 
+    if hasattr(model, "generate_videos"):  # a velocity field that is not a folder (the empirical flow)
+        return model.generate_videos(prompts, steps, num_frames, guidance_scale)
     if context is not None:
         return _generate_conditioned(model, prompts, steps, num_frames, batch_size, context, guidance_scale)
     g = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
@@ -651,14 +653,15 @@ def teacher_reference_features(teacher_folder, prompts: list[tuple[str, int]], n
     with its default CFG, cached in ``cache`` (an ``.npz``) for the same teacher, prompts and steps."""
     from anystep.sampling import load_model
 
-    key = json.dumps({"teacher": str(Path(teacher_folder).resolve()), "steps": int(steps), "num_frames": int(num_frames),
+    name = teacher_folder.name if hasattr(teacher_folder, "generate_videos") else str(Path(teacher_folder).resolve())
+    key = json.dumps({"teacher": name, "steps": int(steps), "num_frames": int(num_frames),
                       "prompts": [list(p) for p in prompts], "version": TOYBENCH_VERSION}, sort_keys=True)
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 return z["features"]
-    model = load_model(teacher_folder)
-    if model.kind != "teacher":
+    model = teacher_folder if hasattr(teacher_folder, "generate_videos") else load_model(teacher_folder)
+    if model.kind not in ("teacher", "empirical_flow"):
         raise ValueError(f"teacher_reference {teacher_folder} is a {model.kind!r} folder, not a teacher")
     feats = clip_features(_generate_all(model, prompts, int(steps), num_frames, batch_size), world)
     if cache is not None:
@@ -725,9 +728,14 @@ def run_toybench(
     """
     from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, load_model, nfe
 
-    model_folder = Path(model_folder)
+    if hasattr(model_folder, "generate_videos"):  # e.g. anystep.flow.empirical.EmpiricalFlowModel
+        model, model_folder = model_folder, model_folder.name
+        if out_dir is None:
+            raise ValueError(f"{model_folder}: give out_dir, it has no folder of its own")
+    else:
+        model_folder = Path(model_folder)
+        model = load_model(model_folder)
     out_dir = Path(out_dir) if out_dir is not None else model_folder.parent / "toybench"
-    model = load_model(model_folder)
     guided = model.kind == "teacher" or model.sampler == "euler_cfg"
     if sampler is not None:
         if guided:
@@ -766,7 +774,8 @@ def run_toybench(
         "context_frames": int(context_frames),
         "guidance_scale": effective_g,
         "sampler": model.sampler,
-        "teacher_reference": ({"folder": str(teacher_reference), "steps": int(teacher_reference_steps)}
+        "teacher_reference": ({"folder": getattr(teacher_reference, "name", str(teacher_reference)),
+                               "steps": int(teacher_reference_steps)}
                               if teacher_reference is not None else None),
         "prompts": [{"prompt": p, "seed": s} for p, s in prompts],
         "real": {k: v for k, v in real.items() if k != "per_clip"},

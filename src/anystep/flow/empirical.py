@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from anystep.data.moving_digits import MovingDigits, WorldConfig, digit_images, parse_prompt, render_clip
+from anystep.data.moving_digits import DIGIT_WORDS, WorldConfig, digit_images, make_prompt, parse_prompt, render_clip
 
 
 def empirical_log_likelihood(z: torch.Tensor, t: float, clips: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,99 +75,181 @@ def prompt_clips(prompt: str, world: WorldConfig) -> np.ndarray:
     return np.stack([render_clip(img, color, direction, c, world)[0] for img in images[labels == digit] for c in crosses])
 
 
-class EmpiricalTeacher:
-    """The exact empirical flow as a velocity function over a model folder's latent space."""
+def guided_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """x0 of the guided velocity v_u + g (v_c - v_u) at (z, t): since x0 = z - t v is affine in v,
+    it is x0_u + g (x0_c - x0_u), with no division by t (exact as t -> 0)."""
+    return x0_uncond + guidance * (x0_cond - x0_uncond)
 
-    def __init__(self, folder: str = "models/toy-teacher", world: WorldConfig | None = None, n_others: int = 2048,
-                 seed: int = 0):
-        from anystep.sampling import load_model
 
-        self.model = load_model(folder)
-        self.world = world or WorldConfig()
-        self.n_prompts = len(self.world.colors) * 10 * len(self.world.directions)
-        ds = MovingDigits("train", self.world, seed=seed)
-        clips = [ds[i] for i in range(n_others)]
-        self._other_prompts = np.array([c.prompt for c in clips])
-        self._others = self.encode(np.stack([c.video for c in clips])).flatten(1).double() if clips else None
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_CACHE: dict[str, "EmpiricalFlow"] = {}
 
-    def encode(self, videos: np.ndarray) -> torch.Tensor:
+
+class EmpiricalFlow:
+    """The exact flow of K training clips per prompt, over every prompt of ``world``.
+
+    ``bank`` is (P * K, D) float32, prompt-major: rows p*K .. p*K + K - 1 are prompt p's clips.
+    Likelihood dot products run in float32 (the matmul is the cost) and the softmax in float64:
+    the gaps between clips grow as 1 / t^2, so rounding in the logits matters only where it cannot
+    change the weights.
+    """
+
+    def __init__(self, vae, world: WorldConfig | None = None, clips_per_prompt: int = 64, seed: int = 0):
         from anystep.models.latents import encode_pixels
 
-        return encode_pixels(self.model.pipe.vae, torch.from_numpy(np.ascontiguousarray(videos))).float()
+        self.world = world or WorldConfig()
+        self.k = int(clips_per_prompt)
+        if self.k < 1:
+            raise ValueError(f"clips_per_prompt must be >= 1, got {clips_per_prompt}")
+        self.prompts = [make_prompt(c, d, r) for c in self.world.colors for d in range(len(DIGIT_WORDS))
+                        for r in self.world.directions]
+        self.index = {p: i for i, p in enumerate(self.prompts)}
+        images, labels = digit_images("train")
+        crosses = self.world.canvas - self.world.digit_size + 1
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            color, digit, direction = parse_prompt(prompt)
+            cand = np.flatnonzero(labels == digit)
+            pick = np.random.default_rng([seed, i, 18]).choice(len(cand) * crosses, size=min(self.k, len(cand) * crosses),
+                                                                replace=False)
+            if len(pick) < self.k:
+                raise ValueError(f"{prompt!r} has only {len(pick)} training clips, fewer than clips_per_prompt={self.k}")
+            pixels = np.stack([render_clip(images[cand[j // crosses]], color, direction, int(j % crosses), self.world)[0]
+                               for j in pick])
+            with torch.no_grad():
+                rows.append(encode_pixels(vae, torch.from_numpy(pixels)).float().flatten(1))
+        self.latent_shape = tuple(encode_pixels(vae, torch.from_numpy(pixels[:1])).shape[1:])
+        self.bank = torch.cat(rows)
+        self.sq_norms = (self.bank.double() ** 2).sum(1)
 
-    def sets(self, prompt: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, the unconditional clip set (N + M', D) float64 whose first N rows are the prompt's
-        own clips, its log prior, its squared norms)."""
-        if prompt not in self._cache:
-            own = self.encode(prompt_clips(prompt, self.world)).flatten(1).double()
-            p = self.n_prompts
-            log_prior = torch.full((len(own),), -math.log(p * len(own)))
-            mix = own
-            if self._others is not None:
-                oth = self._others[torch.from_numpy(self._other_prompts != prompt)]
-                log_prior = torch.cat([log_prior, torch.full((len(oth),), math.log((p - 1) / p) - math.log(len(oth)))])
-                mix = torch.cat([own, oth])
-            self._cache = {prompt: (len(own), mix, log_prior, (mix * mix).sum(1))}  # one prompt at a time: ~0.8 GB
-        return self._cache[prompt]
+    @classmethod
+    def cached(cls, vae, world: WorldConfig, clips_per_prompt: int = 64, seed: int = 0) -> "EmpiricalFlow":
+        """One clip set per (codec settings, world, K, seed) in this process: ``anystep reproduce``
+        trains every job in one process, and building a set costs ~10 s on two cores."""
+        import json
+        from dataclasses import asdict
 
-    def velocity(self, z: torch.Tensor, t: float, prompt: str, guidance: float | None = None) -> torch.Tensor:
-        """Velocity at latents z (B, F, C, h, w), sigma t, for one prompt; with ``guidance`` w,
-        v_u + w (v_c - v_u) (the usual CFG form) with the unconditional mixture."""
-        n, mix, log_prior, sq = self.sets(prompt)
-        flat = z.flatten(1).double()
-        # One likelihood pass serves both: the conditional set is the first n rows of the mixture.
-        ll = empirical_log_likelihood(flat, t, mix, sq)
-        v = (flat - torch.softmax(ll[:, :n], dim=1) @ mix[:n]) / t
-        if guidance is not None and guidance != 1.0:
-            vu = (flat - torch.softmax(ll + log_prior, dim=1) @ mix) / t
-            v = vu + guidance * (v - vu)
-        return v.view_as(z).to(z.dtype)
+        key = json.dumps([dict(vae.config), asdict(world), int(clips_per_prompt), int(seed)], sort_keys=True, default=str)
+        if key not in _CACHE:
+            while len(_CACHE) >= 2:  # 7- and 13-frame sets, ~0.9 and ~1.6 GB
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = cls(vae, world, clips_per_prompt, seed)
+        return _CACHE[key]
+
+    @classmethod
+    def from_folder(cls, folder, world: WorldConfig | None = None, clips_per_prompt: int = 64, seed: int = 0) -> "EmpiricalFlow":
+        """The clip set encoded with a model folder's codec (so latents match that folder's)."""
+        from anystep.sampling import load_model
+
+        return cls(load_model(folder).codec, world, clips_per_prompt, seed)
+
+    def prompt_ids(self, prompts) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise ValueError(f"the empirical flow knows the world's {len(self.prompts)} prompts; not {missing[0]!r}")
+        return torch.tensor([self.index[p] for p in prompts])
+
+    def posterior_means(self, z: torch.Tensor, t, ids: torch.Tensor, unconditional: bool = True):
+        """(E[x | z_t, prompt], E[x | z_t] or None), each shaped like ``z``; ``t`` a float or (B,)."""
+        b = z.shape[0]
+        flat = z.detach().flatten(1).float().to(self.bank.device)
+        if flat.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"latents of {tuple(z.shape[1:])} do not match the clip set's {self.latent_shape}")
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(b).to(self.bank.device)
+        if (t <= 0).any() or (t > 1).any():
+            raise ValueError(f"t must be in (0, 1], got {t.tolist()}")
+        a = (1.0 - t)[:, None]
+        # Same logits as empirical_log_likelihood, batched over per-sample t.
+        logits = (2.0 * a * (flat @ self.bank.T).double() - a * a * self.sq_norms[None]) / (2.0 * (t * t)[:, None])
+        own = logits.view(b, len(self.prompts), self.k)[torch.arange(b), ids]
+        bank = self.bank.view(len(self.prompts), self.k, -1)
+        mean_c = torch.bmm(torch.softmax(own, dim=1).float()[:, None], bank[ids])[:, 0]
+        mean_u = torch.softmax(logits, dim=1).float() @ self.bank if unconditional else None
+        shape = z.shape
+        return mean_c.view(shape).to(z.dtype), None if mean_u is None else mean_u.view(shape).to(z.dtype)
+
+    def x0(self, z: torch.Tensor, t, ids: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+        """Clean-clip prediction of the (guided, usual form v_u + g (v_c - v_u)) flow at (z, t)."""
+        guided = guidance is not None and guidance != 1.0
+        mean_c, mean_u = self.posterior_means(z, t, ids, unconditional=guided)
+        return guided_x0(mean_c, mean_u, guidance) if guided else mean_c
+
+    def velocity(self, z: torch.Tensor, t, ids: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
+        """(z_t - x0) / t: the exact flow-matching velocity (guided as in :meth:`x0`)."""
+        tt = torch.as_tensor(t, dtype=z.dtype).reshape(-1).expand(z.shape[0]).view(-1, *([1] * (z.ndim - 1)))
+        return (z - self.x0(z, t, ids, guidance)) / tt
 
     @torch.no_grad()
-    def generate(self, prompts: list[tuple[str, int]], steps, guidance: float | None = None,
-                 shift: float = 5.0) -> dict[int, np.ndarray]:
-        """{steps: pixels (B, F, 3, H, W)} for each step count: Euler on the shifted grid from each
-        prompt seed's initial noise (the noise the network teacher starts from). Prompt by prompt,
-        every step count while its clip set is built."""
+    def sample(self, noise: torch.Tensor, prompts, steps: int, guidance: float | None = None, shift: float = 5.0) -> torch.Tensor:
+        """Euler on the shifted grid the network teacher uses, from ``noise`` (B, F, C, h, w)."""
         from anystep.flow.schedule import sampling_grid
-        from anystep.sampling import initial_noise, latents_to_video
 
-        steps = [int(s) for s in ([steps] if isinstance(steps, int) else steps)]
-        shape = self.model.latent_shape(self.world.num_frames, self.world.canvas, self.world.canvas)
-        out: dict[int, list[np.ndarray]] = {s: [] for s in steps}
-        for prompt, seed in prompts:
-            for s in steps:
-                grid = [float(v) for v in sampling_grid(s, shift)]
-                z = initial_noise(shape, 1, seed).double()
-                for t, t_next in zip(grid[:-1], grid[1:]):
-                    z = z - (t - t_next) * self.velocity(z, t, prompt, guidance)
-                out[s].append(latents_to_video(self.model, z.float()).clamp(-1, 1).numpy())
-        return {s: np.concatenate(v) for s, v in out.items()}
+        ids = self.prompt_ids(prompts)
+        z = noise.float()
+        grid = [float(v) for v in sampling_grid(steps, shift)]
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            z = z - (t - t_next) * self.velocity(z, t, ids, guidance)
+        return z
+
+
+class EmpiricalFlowModel:
+    """The empirical flow as ToyBench and ``anystep reproduce`` see a model: sampled like a teacher
+    (Euler + CFG on the shifted grid, 2 NFE a step), from the noise a folder's model draws for the
+    same seed, decoded by that folder's codec. One clip set per frame count, built when first used."""
+
+    kind = "empirical_flow"
+    sampler = "euler_cfg"
+
+    def __init__(self, folder, clips_per_prompt: int = 64, seed: int = 0):
+        from anystep.sampling import load_model
+
+        self.folder, self.k, self.seed = str(folder), int(clips_per_prompt), int(seed)
+        self.model = load_model(folder)
+        self.codec = self.model.codec
+        self.name = f"empirical_flow(K={self.k}, seed={self.seed}, codec={self.folder})"
+        self._flows: dict[int, EmpiricalFlow] = {}
+
+    def flow(self, num_frames: int) -> EmpiricalFlow:
+        if num_frames not in self._flows:
+            self._flows = {num_frames: EmpiricalFlow.cached(self.codec, WorldConfig(num_frames=num_frames), self.k, self.seed)}
+        return self._flows[num_frames]
+
+    def generate_videos(self, prompts: list[tuple[str, int]], steps: int, num_frames: int,
+                        guidance_scale: float | None = None) -> np.ndarray:
+        """Pixels (B, F, 3, H, W) of ``prompts`` (text, seed) at ``steps`` Euler steps."""
+        from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, initial_noise, latents_to_video
+
+        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        flow = self.flow(num_frames)
+        noise = torch.cat([initial_noise(flow.latent_shape, 1, seed) for _, seed in prompts])
+        shift = float(getattr(self.model.pipe.scheduler.config, "shift", 5.0))
+        latents = flow.sample(noise, [p for p, _ in prompts], int(steps), g if g != 1.0 else None, shift)
+        return latents_to_video(self.model, latents).numpy()
 
 
 def main(argv=None) -> None:
     from anystep.eval.toybench import score_videos, toybench_prompts
     from anystep.report import bootstrap_ci
+    from anystep.sampling import initial_noise, latents_to_video, load_model
 
     ap = argparse.ArgumentParser(description="ToyBench of the exact empirical-flow teacher")
+    ap.add_argument("--model", default="models/toy-teacher", help="folder whose codec defines the latent space")
     ap.add_argument("--steps", default="2,16,50")
     ap.add_argument("--guidance", type=float, default=4.0, help="usual CFG form; 1 = the conditional flow alone")
     ap.add_argument("--n-prompts", type=int, default=40)
-    ap.add_argument("--n-others", type=int, default=2048)
+    ap.add_argument("--clips-per-prompt", type=int, default=64)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     world = WorldConfig()
     prompts = toybench_prompts(args.n_prompts, world)
     texts = [p for p, _ in prompts]
-    teacher = EmpiricalTeacher(world=world, n_others=args.n_others)
-    g = args.guidance if args.guidance != 1.0 else None
-    per_step = 2 if g is not None else 1
-    videos = teacher.generate(prompts, [int(x) for x in args.steps.split(",")], g)
-    for s, v in videos.items():
+    model = load_model(args.model)
+    flow = EmpiricalFlow(model.codec, world, args.clips_per_prompt)
+    noise = torch.cat([initial_noise(flow.latent_shape, 1, s) for _, s in prompts])
+    per_step = 2 if args.guidance != 1.0 else 1
+    for s in [int(x) for x in args.steps.split(",")]:
+        v = latents_to_video(model, flow.sample(noise, texts, s, args.guidance)).numpy()
         r = score_videos(v, texts, world)
         _, lo, hi = bootstrap_ci(r["per_clip"]["total"])
-        print(f"empirical flow, CFG {args.guidance:g}, {s} steps (NFE {per_step * s}): Total {r['Total']:.1f} "
+        print(f"empirical flow (K={flow.k}), CFG {args.guidance:g}, {s} steps (NFE {per_step * s}): Total {r['Total']:.1f} "
               f"[{lo:.1f}, {hi:.1f}]  Quality {r['Quality']:.1f}  Semantic {r['Semantic']:.1f}  "
               f"sharp {r['imaging_sharpness']:.1f}  grain {r['imaging_grain']:.1f}  digit {r['digit_accuracy']:.1f}  "
               f"FD {r['frechet']:.3g}", flush=True)

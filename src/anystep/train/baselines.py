@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from anystep.flow.schedule import sampling_grid
-from anystep.train.stage2 import LORA_TARGETS
+from anystep.train.stage2 import LORA_TARGETS, check_real_score, empirical_real_score
 from anystep.models.card import training_rows
 
 STREAM_ODE = 21
@@ -52,6 +52,10 @@ class ConsistencyInitConfig:
     # (Eq. 6 fused at g = 3 makes u_c -> v_u + 3 (v_c - v_u)), so both families' first stage aim at
     # one target; both Stage 2s share the real score (v_c + 3 (v_c - v_u), CFG 4, the reference's).
     teacher_guidance: float = 3.0
+    # The ODE's teacher: "teacher" (the folder's network) or "empirical" (the toy world's exact flow,
+    # as Stage 2's real_score; the student still starts from the folder's network).
+    real_score: str = "teacher"
+    real_score_clips: int = 64
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1
@@ -86,34 +90,42 @@ def ode_time_grid(record: list[float], ode_steps: int, shift: float = 5.0) -> li
 
 
 @torch.no_grad()
-def teacher_ode_states(
-    teacher, noise: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, record: list[float],
-    ode_steps: int = 48, shift: float = 5.0, guidance: float = 3.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler + CFG on the teacher's PF-ODE from ``noise`` (at sigma 1) to 0.
+def ode_states(velocity, noise: torch.Tensor, record: list[float], ode_steps: int = 48,
+               shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler on a PF-ODE with the guided velocity ``velocity(z, t)`` from ``noise`` (sigma 1) to 0.
 
     Returns ``(states, x0)``: ``states[i]`` is the ODE state at ``record[i]`` (shape
-    (len(record), B, F, C, h, w)), ``x0`` the end point. CFG in the usual form
-    v = v_u + w (v_c - v_u), both halves in one batched call, as in ``anystep.sampling``.
+    (len(record), B, F, C, h, w)), ``x0`` the end point.
     """
-    from anystep.models.students import teacher_velocity
-
     times = ode_time_grid(list(record), ode_steps, shift)
     want = {i: j for j, r in enumerate(record) for i, t in enumerate(times) if math.isclose(r, t, rel_tol=0, abs_tol=1e-9)}
     if len(want) != len(record):
         raise ValueError(f"record times {record} not all on the ODE grid")
-    b = noise.shape[0]
     z = noise.float()
     states: list[torch.Tensor | None] = [None] * len(record)
-    emb = torch.cat([cond, null])
     for i in range(len(times) - 1):
         if i in want:
             states[want[i]] = z
-        t = torch.full((2 * b,), times[i], dtype=torch.float32)
-        v = teacher_velocity(teacher, torch.cat([z, z]), t, emb).float()
-        v = v[b:] + guidance * (v[:b] - v[b:])
-        z = z + (times[i + 1] - times[i]) * v
+        z = z + (times[i + 1] - times[i]) * velocity(z, times[i])
     return torch.stack(states), z
+
+
+def teacher_ode_states(
+    teacher, noise: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, record: list[float],
+    ode_steps: int = 48, shift: float = 5.0, guidance: float = 3.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ode_states` of the teacher network with CFG in the usual form v = v_u + w (v_c - v_u),
+    both halves in one batched call, as in ``anystep.sampling``."""
+    from anystep.models.students import teacher_velocity
+
+    b = noise.shape[0]
+    emb = torch.cat([cond, null])
+
+    def velocity(z, t):
+        v = teacher_velocity(teacher, torch.cat([z, z]), torch.full((2 * b,), t, dtype=torch.float32), emb).float()
+        return v[b:] + guidance * (v[:b] - v[b:])
+
+    return ode_states(velocity, noise, record, ode_steps, shift)
 
 
 class ConsistencyInitMethod:
@@ -124,6 +136,7 @@ class ConsistencyInitMethod:
 
         if cfg.grid_steps < 1:
             raise ValueError(f"grid_steps must be >= 1, got {cfg.grid_steps}")
+        check_real_score(cfg.real_score, cfg.data)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         torch.manual_seed(cfg.seed)
         s1 = dict(
@@ -143,6 +156,8 @@ class ConsistencyInitMethod:
         self.teacher = self.pipe.transformer.float().eval().requires_grad_(False)
         self.data = self.base.data
         self.grid = [float(v) for v in sampling_grid(cfg.grid_steps, cfg.shift)[:-1]]
+        self.empirical = empirical_real_score(cfg.real_score, cfg.data, self.pipe.vae, cfg.num_frames,
+                                              cfg.real_score_clips)
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         from anystep.train.loop import step_generator
@@ -155,7 +170,13 @@ class ConsistencyInitMethod:
         dev = self.base.device
         cond, null = self.data.embed(prompts).to(dev), self.data.null(len(prompts)).to(dev)
         noise = ranks.randn(gen, x.shape).to(dev)
-        states, x0 = teacher_ode_states(self.teacher, noise, cond, null, self.grid, cfg.ode_steps, cfg.shift, cfg.teacher_guidance)
+        if self.empirical is not None:
+            ids = self.empirical.prompt_ids(prompts)
+            states, x0 = ode_states(lambda z, t: self.empirical.velocity(z, t, ids, cfg.teacher_guidance).to(dev),
+                                    noise, self.grid, cfg.ode_steps, cfg.shift)
+        else:
+            states, x0 = teacher_ode_states(self.teacher, noise, cond, null, self.grid, cfg.ode_steps, cfg.shift,
+                                            cfg.teacher_guidance)
         b = x.shape[0]
         idx = ranks.take(torch.randint(len(self.grid), (b * self.world_size,), generator=gen), b)
         z = states[idx, torch.arange(b)]

@@ -98,6 +98,11 @@ class Stage2Config:
     consistency_steps: int = 4  # consistency rollout: the s-step grid, exit index k ~ U{0..s-1}
     shift: float = 5.0
     real_guidance: float = 3.0  # real score v_c + w (v_c - v_u); w = 3 is CFG 4 in the usual form
+    # "teacher": the teacher folder's network (the paper); "empirical": the exact flow of the toy
+    # world's training clips (anystep.flow.empirical), a real score with clean converged samples.
+    # Either way the critic and the student start from the teacher folder's network.
+    real_score: str = "teacher"
+    real_score_clips: int = 64  # empirical: training clips per prompt in its clip set
     dmd_weight: float = 1.0
     stage1_weight: float = 1.0  # co-trained Stage-1 loss on the same batch; 0 switches it off
     stage1: dict = field(default_factory=dict)  # overrides for the co-trained Stage1Config
@@ -123,6 +128,30 @@ class Stage2Config:
     threads: int = 0
     gradient_checkpointing: bool = False  # student, and the critic when it is trained in full
     mixed_precision: bool = True  # bf16 compute with fp32 master weights and reductions, CUDA only
+
+
+def check_real_score(kind: str, data: str) -> bool:
+    """True for ``empirical``, False for ``teacher``; a ConfigError for anything it cannot be."""
+    from anystep.config import ConfigError
+
+    if kind not in ("teacher", "empirical"):
+        raise ConfigError(f"config key 'real_score' must be one of teacher, empirical, got {kind!r}")
+    if kind == "empirical" and data != "moving_digits":
+        raise ConfigError(f"real_score: empirical is the exact flow of the toy world's clips; it needs data: "
+                          f"moving_digits, got {data!r}")
+    return kind == "empirical"
+
+
+def empirical_real_score(kind: str, data: str, vae, num_frames: int, clips_per_prompt: int):
+    """The :class:`~anystep.flow.empirical.EmpiricalFlow` a ``real_score: empirical`` run distils
+    from (None for ``teacher``): the toy world's clips, in the student folder's latent space. Its
+    clip set does not follow the run's seed: the real score is one fixed teacher for every run."""
+    if not check_real_score(kind, data):
+        return None
+    from anystep.data.moving_digits import WorldConfig
+    from anystep.flow.empirical import EmpiricalFlow
+
+    return EmpiricalFlow.cached(vae, WorldConfig(num_frames=num_frames), clips_per_prompt)
 
 
 def _student_partition(folder) -> tuple[int, ...]:
@@ -163,6 +192,7 @@ class Stage2Trainer:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if not cfg.step_budgets or min(cfg.step_budgets) < 1:
             raise ValueError(f"step_budgets must be integers >= 1, got {list(cfg.step_budgets)}")
+        check_real_score(cfg.real_score, cfg.data)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         torch.manual_seed(cfg.seed)  # LoRA initialisation: identical runs, identical adapters
 
@@ -207,6 +237,8 @@ class Stage2Trainer:
 
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True)
 
+        self.empirical = empirical_real_score(cfg.real_score, cfg.data, self.pipe.vae, cfg.num_frames,
+                                              cfg.real_score_clips)
         self._build_optimisers()
         self.step = 0
         self.out = Path(cfg.out)
@@ -292,10 +324,15 @@ class Stage2Trainer:
                 p.requires_grad_(f)
 
     @torch.no_grad()
-    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-        """x0 of the real score: the teacher with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``."""
+    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
+                prompts: list[str] | None = None) -> torch.Tensor:
+        """x0 of the real score with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``: the teacher
+        network, or the empirical flow of ``prompts`` (which is CFG 1 + w in the usual form)."""
         from anystep.models.students import teacher_velocity
 
+        if self.empirical is not None:
+            ids = self.empirical.prompt_ids(prompts)
+            return self.empirical.x0(z, sigma, ids, guidance=1.0 + self.cfg.real_guidance).to(z.device)
         b = z.shape[0]
         with self._real():
             v = teacher_velocity(self.teacher, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([cond, null])).float()
@@ -343,7 +380,7 @@ class Stage2Trainer:
         x_hat = ro.sample
         sigma = self._rank_slice(dmd_renoise_sigma(cfg.batch_size * self.world_size, cfg.shift, shared)).to(dev)
         z = add_noise(x_hat.detach(), self.ranks.randn(own, x_hat.shape).to(dev), sigma)
-        x0_real = self.real_x0(z, sigma, cond, null)
+        x0_real = self.real_x0(z, sigma, cond, null, prompts)
         x0_fake = self.fake_x0(z, sigma, cond)
         grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake)
         l_dmd = dmd_loss(x_hat, grad)
