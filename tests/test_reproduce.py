@@ -57,6 +57,27 @@ def test_report_builder_on_synthetic_results():
     md = report_markdown(res, n_boot=500)
     assert "| AnyFlow | " in md and "63.0 [" in md and "| teacher 50x2 | 100 |" in md
     assert "**does not hold (intervals separate)**" in md
+    # The teacher gains 50 points from 4 to 32 NFE: the ">= 5" claim holds; AnyFlow's 8 does too.
+    assert verdicts["bidirectional: Teacher gains >= 5 Total from 4 to 32 NFE"] == "holds (intervals separate)"
+
+
+def test_real_score_claims():
+    """The real score at 100 NFE is held against real clips (within 10 Total) and gains from steps
+    by >= 5 only with a margin: 3 points of gain are not enough even with separate intervals."""
+    res = _synthetic()
+    res["meta"]["real"] = {"Total": 99.0}
+    res["architectures"]["bidirectional"]["methods"]["real_score"] = {
+        "label": "Real score", "sweep": {"2": _row(2, 4, [95, 95, 96, 96]), "16": _row(16, 32, [98, 98, 99, 99]),
+                                         "50": _row(50, 100, [88, 88, 90, 90])}}
+    verdicts = {c["claim"]: c["verdict"] for c in claims(res)}
+    assert verdicts["bidirectional: the real score at 100 NFE is within 10 Total of held-out real clips (99.0)"] == "holds"
+    assert verdicts["bidirectional: Real score gains >= 5 Total from 4 to 32 NFE"] == "does not hold (intervals separate)"
+    assert verdicts["bidirectional: AnyFlow at 4 NFE matches the real score it distils at 50x2 (Total >=)"].startswith(
+        "does not hold")
+    res["meta"]["real"] = {"Total": 100.0}
+    assert {c["claim"]: c["verdict"] for c in claims(res)}[
+        "bidirectional: the real score at 100 NFE is within 10 Total of held-out real clips (100.0)"] == "does not hold"
+    assert "real score (exact empirical flow) 50x2, bidirectional clips" in table3(res, n_boot=200)
 
 
 @pytest.fixture(scope="module")

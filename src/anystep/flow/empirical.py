@@ -151,7 +151,10 @@ class EmpiricalFlow:
     def posterior_means(self, z: torch.Tensor, t, ids: torch.Tensor, unconditional: bool = True):
         """(E[x | z_t, prompt], E[x | z_t] or None), each shaped like ``z``; ``t`` a float or (B,)."""
         b = z.shape[0]
-        flat = z.detach().flatten(1).float().to(self.bank.device)
+        if z.device != self.bank.device:  # one move to the accelerator, not one copy a call
+            self.bank, self.sq_norms = self.bank.to(z.device), self.sq_norms.to(z.device)
+        ids = ids.to(z.device)
+        flat = z.detach().flatten(1).float()
         if flat.shape[1] != self.bank.shape[1]:
             raise ValueError(f"latents of {tuple(z.shape[1:])} do not match the clip set's {self.latent_shape}")
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1).expand(b).to(self.bank.device)

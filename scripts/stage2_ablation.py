@@ -1,0 +1,90 @@
+"""Stage-2 ablation of bidirectional AnyFlow on the toy world (issue 18, item 6).
+
+From one Stage-1 folder (the full reproduction's ``bidirectional/stage1/model``) and its teacher
+(``teacher_ft/model``), trains AnyFlow's Stage 2 once per row - the full-mode recipe of
+``anystep reproduce`` with one setting changed - and scores every row with ToyBench at 4 and 32
+NFE (flow-map Euler, 40 prompts, bootstrap 95% intervals, FD to real clips). Rows are independent
+and resumable: a finished row is reused, as in ``anystep reproduce``.
+
+    python scripts/stage2_ablation.py --stage1 RUN/bidirectional/stage1/model --teacher RUN/teacher_ft/model --out DIR
+
+Writes ``DIR/ablation.json`` and ``DIR/ablation.md`` after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from anystep.reproduce import FULL, Job, _eval, _toy, run_job
+from anystep.report import bootstrap_ci
+
+# name -> (what it tests, Stage-2 config overrides on top of the full-mode recipe)
+ROWS = {
+    "recipe": ("the full-mode recipe: 200 iterations, lr 1e-4, full fine-tune, EMA 0.99", {}),
+    "iters_800": ("4x the iterations (the reference runs 800-1200)", {"steps": 800}),
+    "reference_lr_lora": ("the reference's optimiser: lr 2e-6 with LoRA (rank 64), 800 iterations",
+                          {"steps": 800, "lr": 2e-6, "critic_lr": 2e-6, "lora_rank": 64, "lora_alpha": 64}),
+    "budgets_1_2_4": ("few-step rollout budgets s ~ U{1, 2, 4} instead of {2, 4, 8, 16, 50}", {"step_budgets": [1, 2, 4]}),
+    "no_ema": ("the raw weights instead of the EMA (decay 0)", {"ema_decay": 0.0}),
+    "no_stage1": ("no co-trained Stage-1 term (DMD alone)", {"stage1_weight": 0.0}),
+}
+
+
+def row_scores(res: dict) -> dict:
+    out = {}
+    for s, row in res["results"].items():
+        m, lo, hi = bootstrap_ci(row["per_clip"]["total"])
+        out[s] = {"nfe": row["nfe"], "Total": m, "low": lo, "high": hi, "frechet": row["frechet"],
+                  "digit_accuracy": row["digit_accuracy"], "imaging_sharpness": row["imaging_sharpness"],
+                  "imaging_grain": row["imaging_grain"]}
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = ["| row | what | Total @4 | FD @4 | Total @32 | FD @32 | digit @4 / @32 | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        c4, c32 = r["scores"].get("4"), r["scores"].get("32")
+        cell = lambda c: f"{c['Total']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" if c else "n/a"  # noqa: E731
+        fd = lambda c: f"{c['frechet']:.1f}" if c else "n/a"  # noqa: E731
+        dig = f"{c4['digit_accuracy']:.0f} / {c32['digit_accuracy']:.0f}" if c4 and c32 else "n/a"
+        lines.append(f"| {name} | {r['what']} | {cell(c4)} | {fd(c4)} | {cell(c32)} | {fd(c32)} | {dig} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage1", required=True, help="Stage-1 AnyFlow folder every row starts from")
+    ap.add_argument("--teacher", required=True, help="teacher folder: critic start (and codec of the real score)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    ap.add_argument("--n-prompts", type=int, default=40)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {**_toy("stage2"), "student": args.stage1, "teacher": args.teacher, "rollout": "flowmap",
+            "steps": FULL.stage2, "num_frames": 7, "causal": False, "real_score": FULL.real_score,
+            "real_score_clips": FULL.real_score_clips, "threads": 0}
+    path = out / "ablation.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for name in args.rows.split(","):
+        what, over = ROWS[name]
+        t0 = time.time()
+        folder = run_job(Job(name, "stage2", {**base, **over, "out": str(out / name)}))
+        trained = time.time() - t0
+        res = _eval(str(folder), (4, 32), out / "eval" / name, args.n_prompts)
+        results[name] = {"what": what, "overrides": over, "scores": row_scores(res),
+                         "train_seconds": results.get(name, {}).get("train_seconds", trained)}
+        path.write_text(json.dumps(results, indent=1))
+        (out / "ablation.md").write_text(markdown(results))
+        print(f"[ablation] {name}: " + ", ".join(f"{s} NFE Total {c['Total']:.1f} [{c['low']:.1f}, {c['high']:.1f}]"
+                                                 for s, c in results[name]["scores"].items()), flush=True)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
