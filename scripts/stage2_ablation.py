@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--n-prompts", type=int, default=40)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every row's iterations (a smoke test: 0.01)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,8 +73,10 @@ def main(argv=None) -> int:
     results = json.loads(path.read_text()) if path.exists() else {}
     for name in args.rows.split(","):
         what, over = ROWS[name]
+        cfg = {**base, **over, "out": str(out / name)}
+        cfg["steps"] = max(1, round(cfg["steps"] * args.scale))
         t0 = time.time()
-        folder = run_job(Job(name, "stage2", {**base, **over, "out": str(out / name)}))
+        folder = run_job(Job(name, "stage2", cfg))
         trained = time.time() - t0
         res = _eval(str(folder), (4, 32), out / "eval" / name, args.n_prompts)
         results[name] = {"what": what, "overrides": over, "scores": row_scores(res),

@@ -163,7 +163,7 @@ class EmpiricalFlow:
         a = (1.0 - t)[:, None]
         # Same logits as empirical_log_likelihood, batched over per-sample t.
         logits = (2.0 * a * (flat @ self.bank.T).double() - a * a * self.sq_norms[None]) / (2.0 * (t * t)[:, None])
-        own = logits.view(b, len(self.prompts), self.k)[torch.arange(b), ids]
+        own = logits.view(b, len(self.prompts), self.k)[torch.arange(b, device=z.device), ids]
         bank = self.bank.view(len(self.prompts), self.k, -1)
         mean_c = torch.bmm(torch.softmax(own, dim=1).float()[:, None], bank[ids])[:, 0]
         mean_u = torch.softmax(logits, dim=1).float() @ self.bank if unconditional else None
@@ -178,7 +178,7 @@ class EmpiricalFlow:
 
     def velocity(self, z: torch.Tensor, t, ids: torch.Tensor, guidance: float | None = None) -> torch.Tensor:
         """(z_t - x0) / t: the exact flow-matching velocity (guided as in :meth:`x0`)."""
-        tt = torch.as_tensor(t, dtype=z.dtype).reshape(-1).expand(z.shape[0]).view(-1, *([1] * (z.ndim - 1)))
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(z.shape[0]).view(-1, *([1] * (z.ndim - 1)))
         return (z - self.x0(z, t, ids, guidance)) / tt
 
     @torch.no_grad()
