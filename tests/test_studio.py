@@ -20,7 +20,9 @@ PROMPT = "a red three moving left"
 def far_folder(tmp_path_factory):
     from anystep.models.students import student_folder_from_teacher
 
-    return student_folder_from_teacher(TEACHER, tmp_path_factory.mktemp("studio") / "far", causal=True)
+    # Three chunks over the teacher's 7 frames: a quick causal model for the stream and for I2V.
+    return student_folder_from_teacher(TEACHER, tmp_path_factory.mktemp("studio") / "far", causal=True,
+                                       chunk_partition=(1, 3, 3))
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,20 @@ def test_busy_model_tells_the_second_request_to_wait(models):
     assert message == "" and "NFE 2" in stats
 
 
+def test_compare_renders_every_step_count_with_its_time(models):
+    pytest.importorskip("gradio", reason="the page needs the studio extra (pip install -r requirements-studio.lock)")
+    from anystep.studio.page import Studio
+
+    teacher, _ = models
+    *_, last = Studio([teacher]).compare(PROMPT, 3)
+    message, *cells = last
+    assert message == "" and len(cells) == 5
+    labels = [c["label"] for c in cells]
+    assert [lab.split(" · ")[0] for lab in labels] == ["1 step", "2 steps", "4 steps", "8 steps", "32 steps"]
+    assert [lab.split(" · ")[-1] for lab in labels] == ["NFE 2", "NFE 4", "NFE 8", "NFE 16", "NFE 64"]
+    assert len({c["value"] for c in cells}) == 5 and all(c["value"].endswith(".mp4") for c in cells)
+
+
 @pytest.fixture(scope="module")
 def page(far_folder, tmp_path_factory):
     why = browser_missing()
@@ -138,8 +154,9 @@ def test_page_image_to_video_on_the_far_model(page, tmp_path):
     page.upload("i2v-image", first_frame_png(tmp_path / "first.png", "green", 1, "down"))
     video, _ = page.generate("i2v-generate", "i2v-video")
     assert video["error"] is None and video["ready"] >= 2
-    page.wait(lambda: page.text("i2v-stats").count("chunk") == 3, 60, "the third chunk")
-    assert page.video("i2v-video")["duration"] == pytest.approx(7 / 4, abs=0.05)
+    page.wait(lambda: "chunk 3/3" in page.text("i2v-stats"), 60, "the last chunk")
+    final = page.wait(lambda: (v := page.video("i2v-video")) and v["ready"] >= 2 and v, 30, "the whole clip")
+    assert final["error"] is None and final["duration"] == pytest.approx(7 / 4, abs=0.05)
     assert "--image FIRST_FRAME.png" in page.text("i2v-command")
     assert page.text("message") == ""  # the earlier message is cleared
     assert off_machine(page.urls()) == []  # the page works offline: nothing but this server

@@ -21,7 +21,9 @@ log = logging.getLogger("anystep.studio")
 # page must work with no network.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
-CSS = "#message p { color: #b42318; font-weight: 600; } .clip video { image-rendering: pixelated; }"
+# Toy clips are 32x32: shown large, with sharp pixels rather than a blur.
+CSS = ("#message p { color: #b42318; font-weight: 600; } .clip video { image-rendering: pixelated; }"
+       " #i2v-image img { width: 128px !important; height: 128px !important; image-rendering: pixelated; }")
 VIDEO_PX = 256
 
 
@@ -33,8 +35,12 @@ def _fail(e: BaseException) -> str:
     return f"Internal error ({type(e).__name__}); the server's terminal has the details"
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'s' * (n != 1)}"
+
+
 def _stats(clip, chunks: list | None = None) -> str:
-    head = (f"**{clip.seconds:.2f} s** wall time · NFE {clip.nfe} · {clip.steps} step{'s' * (clip.steps != 1)}"
+    head = (f"**{clip.seconds:.2f} s** wall time · NFE {clip.nfe} · {_steps(clip.steps)}"
             f" · {clip.frames} frames at {FPS} fps")
     if not chunks:
         return head
@@ -79,19 +85,17 @@ class Studio:
             yield _fail(e), None, "", gr.update(value=None, visible=False), ""
 
     def compare(self, prompt, seed):
-        """(message, one video per model and step count, summary) as each cell is done."""
+        """(message, one video per model and step count) as each cell is done; a cell's label
+        gives its wall time and NFE."""
         cells = [(m, s) for m in self.models.values() for s in COMPARE_STEPS]
         outs = [gr.update() for _ in cells]
-        rows = []
         try:
             for i, (model, steps) in enumerate(cells):
                 clip = model.render(prompt, steps, seed)
-                outs[i] = gr.update(value=str(clip.path), label=f"{steps} steps · {clip.seconds:.2f} s · NFE {clip.nfe}")
-                rows.append(f"| {model.name} | {steps} | {clip.nfe} | {clip.seconds:.2f} |")
-                table = "| model | steps | NFE | seconds |\n| --- | --- | --- | --- |\n" + "\n".join(rows)
-                yield ("", *outs, table)
+                outs[i] = gr.update(value=str(clip.path), label=f"{_steps(steps)} · {clip.seconds:.2f} s · NFE {clip.nfe}")
+                yield ("", *outs)
         except Exception as e:
-            yield (_fail(e), *outs, gr.update())
+            yield (_fail(e), *outs)
 
     # --- layout ---
 
@@ -157,10 +161,9 @@ class Studio:
             gr.Markdown(f"**{m.name}** ({m.kind})")
             with gr.Row():
                 for s in COMPARE_STEPS:
-                    videos.append(gr.Video(label=f"{s} steps", autoplay=True, loop=True, height=160, interactive=False,
+                    videos.append(gr.Video(label=_steps(s), autoplay=True, loop=True, height=160, interactive=False,
                                            elem_id=f"compare-{m.name}-{s}", elem_classes=["clip"], min_width=120))
-        summary = gr.Markdown("", elem_id="compare-summary")
-        button.click(self.compare, [prompt, seed], [message, *videos, summary], concurrency_limit=None)
+        button.click(self.compare, [prompt, seed], [message, *videos], concurrency_limit=None)
 
 
 def serve(models: list[StudioModel], host: str, port: int) -> None:
