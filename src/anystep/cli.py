@@ -731,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_student)
     st = sub.add_parser("studio", help="a web page to try a model at any step count (the anystep[studio] extra)")
     st.add_argument("--model", action="append", required=True, help="a model folder; repeat to compare two models")
-    st.add_argument("--port", type=int, default=7860)
+    st.add_argument("--port", type=int, default=7860, help="the port to serve the page on")
     st.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     st.set_defaults(func=cmd_studio)
     pl = sub.add_parser("plot", help="a training run's loss curves as a PNG")

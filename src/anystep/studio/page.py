@@ -23,7 +23,8 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 # Toy clips are 32x32: shown large, with sharp pixels rather than a blur.
 CSS = ("#message p { color: #b42318; font-weight: 600; } .clip video { image-rendering: pixelated; }"
-       " #i2v-image img { width: 128px !important; height: 128px !important; image-rendering: pixelated; }")
+       " #i2v-image img { width: 128px !important; height: 128px !important; object-fit: contain !important;"
+       " image-rendering: pixelated; }")
 VIDEO_PX = 256
 
 
@@ -108,7 +109,7 @@ class Studio:
                         + ", ".join(f"`{n}` ({self.models[n].kind})" for n in names))
             with gr.Row():
                 prompt = gr.Textbox(label="Prompt", value=example, elem_id="prompt", scale=3)
-                seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed", scale=1)
+                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", scale=1)
             if self.toy:
                 gr.Markdown(_vocabulary_note(list(self.models.values())), elem_id="vocabulary")
                 gr.Examples([["a red three moving left"], ["a green seven moving up"], ["a blue zero moving right"],
