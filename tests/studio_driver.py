@@ -272,7 +272,7 @@ def _screenshots(far: str, out: Path, repeats: int) -> None:
             page.wait(lambda: page.js("return [...document.querySelectorAll('[id^=compare-] video')]"
                                       ".filter(v => v.readyState >= 2).length") == 10, 300, "the whole comparison")
             time.sleep(2)
-            page.screenshot(out / "compare.png", 1010)
+            page.screenshot(out / "compare.png", 1110)
             page.tab("Image to video (FAR)")
             page.type_into("prompt", "a yellow two moving right")
             frame = first_frame_png(Path(tmp) / "first_frame.png", "yellow", 2, "right")
