@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.anystep-installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements.lock ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements.lock ] \
+   && [ "$stamp" -nt requirements-studio.lock ]; then
   exit 0
 fi
 step() { echo "setup_env: $*" >&2; }
@@ -27,8 +28,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 step "installing CPU torch 2.13.0 (the largest download, about a minute)"
 pip_quiet "torch==2.13.0"
-step "installing the pinned dependencies (requirements.lock)"
-pip_quiet -r requirements.lock
+step "installing the pinned dependencies (requirements.lock, requirements-studio.lock)"
+# One resolve over both files: the studio extra (Gradio) and the browser test's Selenium come
+# with the core pins, never in place of them.
+pip_quiet -r requirements.lock -r requirements-studio.lock
 step "installing anystep (editable)"
 pip_quiet --no-deps -e .
 .venv/bin/python -c "import anystep, diffusers, torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

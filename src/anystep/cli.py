@@ -597,6 +597,12 @@ def cmd_student(args) -> int:
     return 0
 
 
+def cmd_studio(args) -> int:
+    from anystep.studio import run
+
+    return run(args.model, host=args.host, port=args.port)
+
+
 def cmd_plot(args) -> int:
     from anystep.plot import PlotError, plot_run
 
@@ -723,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk-partition", default=None, help="e.g. 1,3,3,3,3 (causal only)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out model folder written by anystep")
     s.set_defaults(func=cmd_student)
+    st = sub.add_parser("studio", help="a web page to try a model at any step count (the anystep[studio] extra)")
+    st.add_argument("--model", action="append", required=True, help="a model folder; repeat to compare two models")
+    st.add_argument("--port", type=int, default=7860, help="the port to serve the page on")
+    st.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    st.set_defaults(func=cmd_studio)
     pl = sub.add_parser("plot", help="a training run's loss curves as a PNG")
     pl.add_argument("run", help="a training run's out folder (holds metrics.jsonl)")
     pl.add_argument("--out", default=None, help="the PNG (default: RUN/losses.png)")
