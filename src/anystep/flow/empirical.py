@@ -82,6 +82,17 @@ def guided_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, guidance: float) -
 
 
 _CACHE: dict[str, "EmpiricalFlow"] = {}
+#: Posterior weights below this are left out of a mean (at most N * 1e-12 of the mass, N ~ 1e4).
+_NEGLIGIBLE = 1e-12
+
+
+def _sparse_mean(weights: torch.Tensor, clips: torch.Tensor) -> torch.Tensor:
+    """weights (B, N) @ clips (N, D) over the clips some row weighs above ``_NEGLIGIBLE``: below
+    t ~ 0.5 the posterior sits on a handful of clips, and the product is the sampler's main cost."""
+    keep = (weights > _NEGLIGIBLE).any(0).nonzero().flatten()
+    if 2 * len(keep) > weights.shape[1]:
+        return weights.float() @ clips
+    return weights[:, keep].float() @ clips.index_select(0, keep)
 
 
 class EmpiricalFlow:
@@ -166,7 +177,7 @@ class EmpiricalFlow:
         own = logits.view(b, len(self.prompts), self.k)[torch.arange(b, device=z.device), ids]
         bank = self.bank.view(len(self.prompts), self.k, -1)
         mean_c = torch.bmm(torch.softmax(own, dim=1).float()[:, None], bank[ids])[:, 0]
-        mean_u = torch.softmax(logits, dim=1).float() @ self.bank if unconditional else None
+        mean_u = _sparse_mean(torch.softmax(logits, dim=1), self.bank) if unconditional else None
         shape = z.shape
         return mean_c.view(shape).to(z.dtype), None if mean_u is None else mean_u.view(shape).to(z.dtype)
 
