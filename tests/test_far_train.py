@@ -27,12 +27,8 @@ from anystep.models.far_train import (
     use_dense_far_attention,
     use_flex_far_attention,
 )
-from anystep.models.students import (
-    flow_map_velocity,
-    mask_far_inference_padding,
-    student_from_teacher,
-    teacher_velocity,
-)
+from anystep.models.students import mask_far_inference_padding, student_from_teacher
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
 from anystep.models.toy import TOY_TRANSFORMER
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from anystep.flow.stage1 import finite_difference_derivative, finite_difference_inputs, sample_types
-from anystep.models.students import flow_map_velocity, student_from_teacher
+from anystep.models.students import student_from_teacher
+from anystep.models.velocity import flow_map_velocity
 from anystep.train.stage1 import Stage1Config, Stage1Method, flowmap_loss, train_stage1
 
 
@@ -137,7 +138,7 @@ def test_flow_matching_baseline_and_zero_init_run(teacher_dir, tmp_path):
 
 def test_zero_init_conditioning_starts_at_the_teacher(teacher_dir):
     """emb(t) + emb'(t - r) with emb' zero at the output equals the teacher for every r."""
-    from anystep.models.students import teacher_velocity
+    from anystep.models.velocity import teacher_velocity
     from anystep.sampling import load_model
     from anystep.train.stage1 import _zero_init_delta
 

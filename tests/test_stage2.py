@@ -12,12 +12,11 @@ import math
 import pytest
 import torch
 
+from anystep.flow.solvers import consistency_grid
 from anystep.flow.stage2 import flow_map_segments
 from anystep.rollout import (
     causal_flowmap_rollout,
     consistency_backward_simulation,
-    consistency_generate_latents,
-    consistency_grid,
     flowmap_backward_simulation,
     flowmap_rollout,
 )
@@ -203,7 +202,7 @@ def test_consistency_steps_before_the_exit_carry_no_gradient(stage1_dir, exit_in
 
 
 def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir, stage1_dir, tmp_path):
-    from anystep.models.students import teacher_velocity
+    from anystep.models.velocity import teacher_velocity
     from anystep.sampling import load_model
 
     tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path))
@@ -312,7 +311,8 @@ def test_one_step_writes_a_loadable_folder(teacher_dir, stage1_dir, causal_dir, 
     m = load_model(folder)
     assert m.kind == ("anyflow_far" if causal else "anyflow")
     assert generate_latents(m, ["a red one moving up"], 2).shape == (1, F_LAT, C, H, W)
-    lat = consistency_generate_latents(m, ["a red one moving up"], 3)
+    m.sampler = "consistency"  # a flow-map student under the other sampler too
+    lat = generate_latents(m, ["a red one moving up"], 3)
     assert lat.shape == (1, F_LAT, C, H, W) and torch.isfinite(lat).all()
 
 
@@ -341,7 +341,7 @@ def test_teacher_ode_matches_the_teacher_sampler(teacher_dir):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_consistency_init_trains_and_writes_a_loadable_folder(teacher_dir, tmp_path, causal):
-    from anystep.sampling import load_model
+    from anystep.sampling import generate_latents, load_model
     from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
 
     kw = dict(causal=True, chunk_partition=CAUSAL_PART) if causal else {}
@@ -351,7 +351,8 @@ def test_consistency_init_trains_and_writes_a_loadable_folder(teacher_dir, tmp_p
     assert rec["step"] == 1 and math.isfinite(rec["loss"]) and rec["grad_norm"] > 0
     m = load_model(folder)
     assert m.kind == ("anyflow_far" if causal else "anyflow")
-    assert consistency_generate_latents(m, ["a red one moving up"], 4).shape == (1, F_LAT, C, H, W)
+    assert m.sampler == "consistency"
+    assert generate_latents(m, ["a red one moving up"], 4).shape == (1, F_LAT, C, H, W)
 
 
 def test_cli_stage2_dry_run(capsys):

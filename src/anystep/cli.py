@@ -68,7 +68,7 @@ def _read_prompts(args) -> list[str]:
 
 def _load(folder):
     from anystep.models.folders import ModelFolderError
-    from anystep.sampling import load_model
+    from anystep.models.loaded import load_model
 
     try:
         return load_model(folder)
@@ -155,9 +155,9 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
 
     import torch
 
-    from anystep.causal_generation import context_latents, generate_causal, read_frames
+    from anystep.conditioning import context_latents, read_frames
     from anystep.io import write_mp4
-    from anystep.sampling import latents_to_video
+    from anystep.sampling import generate_latents, latents_to_video
 
     if args.guidance_scale not in (None, 1.0) and model.sampler != "euler_cfg":
         raise UserError("AnyFlow-FAR students are guidance-fused: --guidance-scale is not used with them")
@@ -189,9 +189,9 @@ def _generate_far(model, prompts, args, num_frames: int, out: Path):
         videos = []
         for i in range(0, len(prompts), args.batch_size):
             chunk = prompts[i : i + args.batch_size]
-            lat = generate_causal(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
-                                  width=args.width, context=ctx, on_chunk=on_chunk,
-                                  guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
+            lat = generate_latents(model, chunk, args.steps, seed=args.seed + i, num_frames=num_frames, height=args.height,
+                                   width=args.width, context=ctx, on_chunk=on_chunk,
+                                   guidance_scale=args.guidance_scale if model.sampler == "euler_cfg" else None)
             videos.append(latents_to_video(model, lat))
         return torch.cat(videos)
     finally:

@@ -113,7 +113,7 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     ``name.txt``, encoded with the model folder's codec (posterior mean) and text encoder. Clips are
     taken in sorted name order; all must share one size and length. Resumable like the synthetic
     shards (an existing shard is kept)."""
-    from anystep.causal_generation import read_frames
+    from anystep.conditioning import read_frames
 
     clips_dir, out = Path(clips_dir), Path(out)
     check_shard_out(out)
@@ -153,7 +153,7 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
 
 
 def _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress) -> list[Path]:
-    from anystep.causal_generation import read_frames
+    from anystep.conditioning import read_frames
     from anystep.models.latents import encode_pixels
     from anystep.models.text import encode_prompts
     from anystep.train.common import atomic_write

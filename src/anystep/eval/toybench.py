@@ -82,7 +82,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from anystep.conditioning import context_latents
 from anystep.data.moving_digits import (
     ALL_COLORS,
     ALL_DIRECTIONS,
@@ -92,6 +94,8 @@ from anystep.data.moving_digits import (
     parse_prompt,
 )
 from anystep.eval.classifier import brightness, crop_features, crops, get_classifier, window_sums
+from anystep.models.loaded import load_model
+from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, generate, nfe
 from anystep.train.common import atomic_write
 
 TOYBENCH_VERSION = 2  # 2: imaging_sharpness and imaging_grain in Quality
@@ -494,8 +498,6 @@ def real_clips_for(prompts: list[tuple[str, int]] | list[str], world: WorldConfi
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    from anystep.train.common import atomic_write
-
     atomic_write(path, lambda fh: json.dump(obj, fh, indent=1), binary=False)
 
 
@@ -571,45 +573,21 @@ def plot_toybench(result: dict, path) -> None:
 
 def _generate_all(model, prompts: list[tuple[str, int]], steps: int, num_frames: int, batch_size: int,
                   context: torch.Tensor | None = None, guidance_scale: float | None = None) -> np.ndarray:
-    from anystep.sampling import generate
-
-    if context is not None:
-        return _generate_conditioned(model, prompts, steps, num_frames, batch_size, context, guidance_scale)
-    g = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    """Pixels of every (prompt, seed), ``batch_size`` at a time; with ``context`` (FAR models), clip i
+    continues its own context row."""
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
+        ctx = context[s : s + len(chunk)] if context is not None else None
+        kw = dict(num_frames=num_frames, guidance_scale=guidance_scale)
         if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
             # generate() draws clip i of a batch from seed + i: a contiguous run batches exactly.
-            out.append(_as_numpy(generate(model, texts, steps, seed=seeds[0], num_frames=num_frames, **g)))
+            out.append(_as_numpy(generate(model, texts, steps, seed=seeds[0], context=ctx, **kw)))
         else:
-            for t, sd in zip(texts, seeds):
-                out.append(_as_numpy(generate(model, [t], steps, seed=sd, num_frames=num_frames, **g)))
-    return np.concatenate(out)
-
-
-def _generate_conditioned(model, prompts, steps: int, num_frames: int, batch_size: int, context: torch.Tensor,
-                          guidance_scale: float | None = None) -> np.ndarray:
-    """FAR models continuing given first chunks: clip i from its own context row and seed."""
-    import torch
-
-    from anystep.causal_generation import generate_causal
-    from anystep.sampling import latents_to_video
-
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        texts, seeds = [p for p, _ in chunk], [sd for _, sd in chunk]
-        ctx = context[s : s + len(chunk)]
-        if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-            lat = generate_causal(model, texts, steps, seed=seeds[0], num_frames=num_frames, context=ctx,
-                                  guidance_scale=guidance_scale)
-        else:
-            lat = torch.cat([generate_causal(model, [t], steps, seed=sd, num_frames=num_frames, context=ctx[i : i + 1],
-                                             guidance_scale=guidance_scale)
-                             for i, (t, sd) in enumerate(zip(texts, seeds))])
-        out.append(_as_numpy(latents_to_video(model, lat)))
+            for i, (t, sd) in enumerate(zip(texts, seeds)):
+                one = ctx[i : i + 1] if ctx is not None else None
+                out.append(_as_numpy(generate(model, [t], steps, seed=sd, context=one, **kw)))
     return np.concatenate(out)
 
 
@@ -617,10 +595,6 @@ def real_context(model, real: np.ndarray, context_frames: int) -> torch.Tensor:
     """Latents of the first ``context_frames`` frames of each real clip (B, f, C, h, w), for
     image-to-video (1 frame) or video-to-video ToyBench. They must end on a chunk boundary of the
     model's partition and leave at least one chunk to generate."""
-    import torch
-
-    from anystep.causal_generation import context_latents
-
     if getattr(model, "kind", None) != "anyflow_far":
         raise ValueError(f"--context-frames conditions a causal AnyFlow-FAR model; {model.folder} is a {model.kind!r} folder")
     part = [int(c) for c in model.transformer.config.chunk_partition]
@@ -649,8 +623,6 @@ def teacher_reference_features(teacher_folder, prompts: list[tuple[str, int]], n
                                steps: int = 50, cache: Path | None = None, batch_size: int = 20) -> np.ndarray:
     """Clip features of the teacher's samples of ``prompts`` (their seeds) at ``steps`` Euler steps
     with its default CFG, cached in ``cache`` (an ``.npz``) for the same teacher, prompts and steps."""
-    from anystep.sampling import load_model
-
     key = json.dumps({"teacher": str(Path(teacher_folder).resolve()), "steps": int(steps), "num_frames": int(num_frames),
                       "prompts": [list(p) for p in prompts], "version": TOYBENCH_VERSION}, sort_keys=True)
     if cache is not None and cache.exists():
@@ -723,8 +695,6 @@ def run_toybench(
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
-    from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, load_model, nfe
-
     model_folder = Path(model_folder)
     out_dir = Path(out_dir) if out_dir is not None else model_folder.parent / "toybench"
     model = load_model(model_folder)

@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         print(f"{k:24s}" + "".join(f"{table[s][k]:10.1f}" if k != "frechet" else f"{table[s][k]:10.3g}" for s in table))
     if args.teacher:
         from anystep.eval.toybench import _generate_all, toybench_prompts
-        from anystep.sampling import load_model
+        from anystep.models.loaded import load_model
 
         model = load_model(args.teacher)
         prompts = toybench_prompts(args.n_prompts)

@@ -80,7 +80,7 @@ class EmpiricalTeacher:
 
     def __init__(self, folder: str = "models/toy-teacher", world: WorldConfig | None = None, n_others: int = 2048,
                  seed: int = 0):
-        from anystep.sampling import load_model
+        from anystep.models.loaded import load_model
 
         self.model = load_model(folder)
         self.world = world or WorldConfig()

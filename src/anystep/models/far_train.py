@@ -100,7 +100,8 @@ import torch.nn.functional as F
 
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS
 from anystep.models.flex_kernel import flex_attend
-from anystep.models.students import _as_partition, _padding_masked_processor_cls, _per_frame
+from anystep.models.students import as_partition, _padding_masked_processor_cls
+from anystep.models.velocity import compute_dtype, per_frame_sigma
 
 __all__ = [
     "DenseFARAttnProcessor",
@@ -157,7 +158,7 @@ def far_layout(chunk_partition: Sequence[int], full_chunk_limit: int = 3, mode: 
     is the KV-cache prefill split (threshold ``full_chunk_limit - 1``: the chunk about to be
     generated is the extra full one).
     """
-    part = _as_partition(chunk_partition)
+    part = as_partition(chunk_partition)
     threshold = int(full_chunk_limit) - (1 if mode == "cache" else 0)
     if mode not in ("train", "cache"):
         raise ValueError(f"mode must be 'train' or 'cache', got {mode!r}")
@@ -170,7 +171,7 @@ def far_layout(chunk_partition: Sequence[int], full_chunk_limit: int = 3, mode: 
     }
 
 
-def _tokens_per_frame(config, height: int, width: int) -> tuple[int, int]:
+def tokens_per_frame(config, height: int, width: int) -> tuple[int, int]:
     p, cp = config.patch_size, config.compressed_patch_size
     return (height // p[1]) * (width // p[2]), (height // cp[1]) * (width // cp[2])
 
@@ -198,7 +199,7 @@ def far_attention_mask(
     which the forward would otherwise pay every step.
     """
     cfg = transformer.config
-    part = _as_partition(chunk_partition)
+    part = as_partition(chunk_partition)
     if dense is None:
         dense = far_attention_kind(transformer) == "dense"
     if device is None:
@@ -233,7 +234,7 @@ def far_attention_mask(
     m = _MASK_CACHE.get(("dense",) + key)
     if m is None:
         lay = far_layout(part, cfg.full_chunk_limit, mode)
-        full_tpf, comp_tpf = _tokens_per_frame(cfg, height, width)
+        full_tpf, comp_tpf = tokens_per_frame(cfg, height, width)
         n_full = lay["n_full_frames"] * full_tpf
         real = lay["n_context_frames"] * comp_tpf + n_full * (2 if has_clean_context else 1)
         m = dense_mask_from_block_mask(bm, real, real)
@@ -491,15 +492,13 @@ def far_flow_map_velocity(
     if z.ndim != 5:
         raise ValueError(f"z must be (B, F, C, h, w), got shape {tuple(z.shape)}")
     b, f, _, h, w = z.shape
-    part = _as_partition(chunk_partition)
+    part = as_partition(chunk_partition)
     if sum(part) != f:
         raise ValueError(f"chunk_partition {list(part)} covers {sum(part)} frames, but z has {f}")
     lay = far_layout(part, model.config.full_chunk_limit)
     n_ctx = lay["n_context_frames"]
-    t = _per_frame(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    r = _per_frame(r_sigma, b, f, "r_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    from anystep.models.students import compute_dtype
-
+    t = per_frame_sigma(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
+    r = per_frame_sigma(r_sigma, b, f, "r_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
     dtype = compute_dtype(model)
     kw = {}
     hidden = z

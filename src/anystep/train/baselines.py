@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from anystep.flow.schedule import sampling_grid
+from anystep.flow.solvers import euler
+from anystep.models.velocity import teacher_velocity
 from anystep.train.stage2 import LORA_TARGETS
 from anystep.models.card import training_rows
 
@@ -94,26 +96,26 @@ def teacher_ode_states(
 
     Returns ``(states, x0)``: ``states[i]`` is the ODE state at ``record[i]`` (shape
     (len(record), B, F, C, h, w)), ``x0`` the end point. CFG in the usual form
-    v = v_u + w (v_c - v_u), both halves in one batched call, as in ``anystep.sampling``.
+    v = v_u + w (v_c - v_u), both halves in one batched call: the sampler's own
+    :func:`anystep.flow.solvers.euler`, run from one recorded time to the next.
     """
-    from anystep.models.students import teacher_velocity
-
     times = ode_time_grid(list(record), ode_steps, shift)
     want = {i: j for j, r in enumerate(record) for i, t in enumerate(times) if math.isclose(r, t, rel_tol=0, abs_tol=1e-9)}
     if len(want) != len(record):
         raise ValueError(f"record times {record} not all on the ODE grid")
-    b = noise.shape[0]
+    emb = torch.cat([cond, null])
+
+    def velocity(z, t, _r):
+        return teacher_velocity(teacher, z, t, emb)
+
     z = noise.float()
     states: list[torch.Tensor | None] = [None] * len(record)
-    emb = torch.cat([cond, null])
-    for i in range(len(times) - 1):
-        if i in want:
-            states[want[i]] = z
-        t = torch.full((2 * b,), times[i], dtype=torch.float32)
-        v = teacher_velocity(teacher, torch.cat([z, z]), t, emb).float()
-        v = v[b:] + guidance * (v[:b] - v[b:])
-        z = z + (times[i + 1] - times[i]) * v
-    return torch.stack(states), z
+    start = 0
+    for i in sorted(want):
+        z = euler(velocity, z, times[start : i + 1], guidance)
+        states[want[i]] = z
+        start = i
+    return torch.stack(states), euler(velocity, z, times[start:], guidance)
 
 
 class ConsistencyInitMethod:
@@ -171,7 +173,7 @@ class ConsistencyInitMethod:
             u = far_flow_map_velocity(self.student, z, t, torch.zeros_like(t), cond, part, clean_latents=x0).float()
             z, x0 = z[:, f - u.shape[1] :], x0[:, f - u.shape[1] :]
         else:
-            from anystep.models.students import flow_map_velocity
+            from anystep.models.velocity import flow_map_velocity
 
             u = flow_map_velocity(self.student, z, t, torch.zeros_like(t), cond).float()
         pred = z - t.view(-1, 1, 1, 1, 1) * u

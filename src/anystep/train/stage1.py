@@ -194,8 +194,9 @@ class Stage1Method:
 
     def __init__(self, cfg: Stage1Config, rank: int = 0, world_size: int = 1):
         from anystep.data.shards import training_batches
-        from anystep.models.students import flow_map_velocity, student_from_teacher
-        from anystep.sampling import load_model
+        from anystep.models.students import student_from_teacher
+        from anystep.models.velocity import flow_map_velocity
+        from anystep.models.loaded import load_model
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         if cfg.adaptive_order not in ADAPTIVE_ORDERS:  # fail at start-up, not at the first step
@@ -239,7 +240,7 @@ class Stage1Method:
                 raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
             far_attention_for_device(self.student, next(self.student.parameters()).device)
         elif self.wan:
-            from anystep.models.students import teacher_velocity
+            from anystep.models.velocity import teacher_velocity
 
             self.net = lambda z, t, r, emb, clean: teacher_velocity(self.student, z, t, emb)
         else:

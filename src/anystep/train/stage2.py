@@ -154,7 +154,7 @@ class Stage2Trainer:
     """Student, teacher, critic, their optimisers and EMAs, and one Stage-2 iteration."""
 
     def __init__(self, cfg: Stage2Config, rank: int = 0, world_size: int = 1):
-        from anystep.sampling import load_model
+        from anystep.models.loaded import load_model
         from anystep.train.stage1 import Stage1Config, Stage1Method
 
         if cfg.rollout not in ("flowmap", "consistency"):
@@ -185,7 +185,7 @@ class Stage2Trainer:
         self.pipe = self.stage1.pipe
         self.partition = part
         if cfg.causal:
-            from anystep.rollout.flowmap import prepare_far_for_rollout
+            from anystep.models.causal_state import prepare_far_for_rollout
 
             # (Stage1Method has checked that the partition covers the clip's latent frames.)
             prepare_far_for_rollout(self.student)
@@ -239,7 +239,7 @@ class Stage2Trainer:
         self.env, self.device = env, env.device
         self.stage1.prepare_for_training(env)
         if self.cfg.causal:  # the rollout's attention processors, for the device the student now lives on
-            from anystep.rollout.flowmap import prepare_far_for_rollout
+            from anystep.models.causal_state import prepare_far_for_rollout
 
             prepare_far_for_rollout(self.student)
         for net in {id(m): m for m in (self.teacher, self.critic)}.values():
@@ -294,7 +294,7 @@ class Stage2Trainer:
     @torch.no_grad()
     def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
         """x0 of the real score: the teacher with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``."""
-        from anystep.models.students import teacher_velocity
+        from anystep.models.velocity import teacher_velocity
 
         b = z.shape[0]
         with self._real():
@@ -303,7 +303,7 @@ class Stage2Trainer:
         return x0_from_velocity(z, v_c + self.cfg.real_guidance * (v_c - v_u), sigma)
 
     def critic_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        from anystep.models.students import teacher_velocity
+        from anystep.models.velocity import teacher_velocity
 
         return teacher_velocity(self.critic, z, sigma, cond).float()
 
