@@ -37,7 +37,8 @@ import torch
 
 from anystep.flow.schedule import sampling_grid
 from anystep.flow.stage1 import sample_types
-from anystep.flow.stage2 import dmd_gradient, dmd_loss, x0_from_velocity
+from anystep.flow.matching import x0_from_velocity
+from anystep.flow.stage2 import dmd_gradient, dmd_loss
 from anystep.models.far_train import (
     far_attention_kind,
     far_flow_map_velocity,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, digit_images, parse_prompt, render_clip
+from anystep.flow.guidance import guided_velocity
 
 
 def empirical_log_likelihood(z: torch.Tensor, t: float, clips: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,7 +122,7 @@ class EmpiricalTeacher:
         v = (flat - torch.softmax(ll[:, :n], dim=1) @ mix[:n]) / t
         if guidance is not None and guidance != 1.0:
             vu = (flat - torch.softmax(ll + log_prior, dim=1) @ mix) / t
-            v = vu + guidance * (v - vu)
+            v = guided_velocity(v, vu, guidance)
         return v.view_as(z).to(z.dtype)
 
     @torch.no_grad()

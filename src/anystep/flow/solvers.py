@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from anystep.flow.guidance import guided_velocity
+from anystep.flow.matching import x0_from_velocity
 from anystep.flow.schedule import sampling_grid
 from anystep.flow.stage2 import consistency_renoise
 
@@ -85,7 +86,7 @@ def consistency_grid(steps: int, shift: float = 5.0) -> list[float]:
 
 def predict_x0(velocity: VelocityFn, z: torch.Tensor, sigma: float) -> torch.Tensor:
     """x0 = z - sigma u(z, sigma, 0): the flow-map jump from sigma straight to data."""
-    return z.float() - float(sigma) * velocity(z, float(sigma), 0.0).float()
+    return x0_from_velocity(z.float(), velocity(z, float(sigma), 0.0).float(), float(sigma))
 
 
 def consistency_steps(

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from anystep.flow.matching import per_sample_mse, x0_from_velocity
 from anystep.flow.schedule import sampling_grid
 from anystep.flow.solvers import euler
 from anystep.models.velocity import teacher_velocity
@@ -176,9 +177,7 @@ class ConsistencyInitMethod:
             from anystep.models.velocity import flow_map_velocity
 
             u = flow_map_velocity(self.student, z, t, torch.zeros_like(t), cond).float()
-        pred = z - t.view(-1, 1, 1, 1, 1) * u
-        per = (pred - x0).pow(2).flatten(1).mean(1)
-        return per.mean(), {"grid_index_mean": idx.float().mean().item()}
+        return per_sample_mse(x0_from_velocity(z, u, t), x0).mean(), {"grid_index_mean": idx.float().mean().item()}
 
 
 def train_consistency_init(cfg: ConsistencyInitConfig) -> Path:

@@ -145,14 +145,3 @@ class JsonlLogger:
         clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-
-
-def logit_normal_sigma(n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0):
-    """sigma = sigmoid(N(mean, std)): the SD3 / Wan logit-normal time density (before the shift)."""
-    return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
-
-
-def cosine_or_constant(step: int, total: int, kind: str) -> float:
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
-    return 1.0

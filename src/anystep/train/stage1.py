@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.flow.matching import per_sample_mse, training_sigma, velocity_target
+from anystep.flow.schedule import add_noise
 from anystep.flow.stage1 import (
     ADAPTIVE_ORDERS,
     SAMPLE_BOUNDARY,
@@ -42,7 +43,6 @@ from anystep.flow.stage1 import (
     weighted_stage1_loss,
 )
 from anystep.distributed import all_sum
-from anystep.train.common import logit_normal_sigma
 from anystep.train.loop import RankSlice
 from anystep.models.card import training_rows
 
@@ -114,7 +114,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
     t, r, types = ranks.take(t, b).to(dev), ranks.take(r, b).to(dev), ranks.take(types, b).to(dev)
     e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
-    v = e - x
+    v = velocity_target(x, e)
     is_b = types == SAMPLE_BOUNDARY
 
     u_c = net(z, t, r, cond, x).float()
@@ -122,7 +122,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
 
     fd = ~is_b  # (t - r) du/dt vanishes on the boundary: skip those finite-difference points
     with torch.no_grad():
-        v_full = e[fd] - x[fd]
+        v_full = velocity_target(x[fd], e[fd])
         zp, zm, tp, tm = finite_difference_inputs(z[fd], v_full, t[fd], cfg.fd_eps)
         out = net(
             torch.cat([z, zp, zm]),
@@ -139,7 +139,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
         u_tgt = flow_map_target(v.float(), dudt, t, r)
 
     u = guidance_fused_velocity(u_c, u_null, cfg.guidance)
-    per = (u - u_tgt).pow(2).flatten(1).mean(1)
+    per = per_sample_mse(u, u_tgt)
     base = adaptive_base_loss(per.detach(), w_t, cfg.adaptive_order)
     mu, loss_b, loss_g = _boundary_stats(base, per.detach(), is_b, ranks, reduce)
     loss = weighted_stage1_loss(per, w_t, is_b, cfg.adaptive_order, cfg.adaptive_c, boundary_mean=mu,
@@ -176,7 +176,7 @@ def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generat
     pass, as the causal auxiliary pass does in the reference; None trains the plain prediction.
     """
     b, dev = x.shape[0], x.device
-    t = ranks.take(shift_sigma(logit_normal_sigma(b * ranks.world_size, generator=gen), cfg.shift), b).to(dev)
+    t = ranks.take(training_sigma(b * ranks.world_size, cfg.shift, gen), b).to(dev)
     e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
     u = net(z, t, t, cond, x).float()
@@ -184,9 +184,8 @@ def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generat
         with torch.no_grad():
             u_null = net(z, t, t, null, x).float()
         u = guidance_fused_velocity(u, u_null, fused_guidance)
-    v = (e - x)[:, x.shape[1] - u.shape[1] :]
-    per = (u - v.float()).pow(2).flatten(1).mean(1)
-    return per.mean(), {}
+    v = velocity_target(x, e)[:, x.shape[1] - u.shape[1] :]
+    return per_sample_mse(u, v).mean(), {}
 
 
 class Stage1Method:

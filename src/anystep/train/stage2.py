@@ -48,14 +48,14 @@ from pathlib import Path
 
 import torch
 
-from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.flow.matching import per_sample_mse, training_sigma, velocity_target, x0_from_velocity
+from anystep.flow.schedule import add_noise
 from anystep.flow.stage2 import (
     REFERENCE_STEP_BUDGETS,
     dmd_gradient,
     dmd_loss,
     dmd_renoise_sigma,
     sample_budget_and_index,
-    x0_from_velocity,
 )
 from anystep.distributed import global_mean, setup
 from anystep.train.checkpoint import (
@@ -66,7 +66,7 @@ from anystep.train.checkpoint import (
     save_checkpoint,
     trainable_tensors,
 )
-from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
+from anystep.train.common import EMA, JsonlLogger, warmup_lambda
 from anystep.train.progress import Progress
 from anystep.train.loop import RankSlice, SlicedNoise, optimizer_step
 from anystep.models.card import training_rows
@@ -370,10 +370,10 @@ class Stage2Trainer:
         with torch.no_grad():
             ro = self.rollout(noise, cond, shared, own)
         x_hat = ro.sample.detach()
-        t = self._rank_slice(shift_sigma(logit_normal_sigma(cfg.batch_size * self.world_size, generator=shared), cfg.shift)).to(dev)
+        t = self._rank_slice(training_sigma(cfg.batch_size * self.world_size, cfg.shift, shared)).to(dev)
         e = self.ranks.randn(own, x_hat.shape).to(dev)
         v = self.critic_velocity(add_noise(x_hat, e, t), t, cond)
-        loss = (v - (e - x_hat)).pow(2).flatten(1).mean(1).mean()
+        loss = per_sample_mse(v, velocity_target(x_hat, e)).mean()
         return loss, {f"critic_{k}": val for k, val in ro.info.items()}
 
     def _update(self, loss_fn, params, opt, sched, ema, module, tag: str) -> dict:

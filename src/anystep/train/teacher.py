@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt, DIGIT_WORDS
-from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
+from anystep.flow.matching import per_sample_mse, squared_error, training_sigma, velocity_target, x0_from_velocity
+from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from anystep.models.codec import SpaceToDepthCodec, fit_codec
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
 from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
 from anystep.train.checkpoint import CheckpointError
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_cooldown_lambda
+from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, rng_state, set_rng_state, warmup_cooldown_lambda
 from anystep.models.card import training_rows
 
 
@@ -142,7 +143,7 @@ def temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts) -> float
 
     def x0_error(zz, ss, ee):
         v = model(zz.permute(0, 2, 1, 3, 4), ss * NUM_TRAIN_TIMESTEPS, ee).sample.permute(0, 2, 1, 3, 4)
-        return (zz - ss.view(-1, 1, 1, 1, 1) * v - x.reshape(zz.shape)).pow(2).mean()
+        return (x0_from_velocity(zz, v, ss) - x.reshape(zz.shape)).pow(2).mean()
 
     whole = x0_error(z, sigma, emb)
     alone = x0_error(z.reshape(n * f, 1, *z.shape[2:]), sigma.repeat_interleave(f), emb.repeat_interleave(f, 0))
@@ -166,8 +167,8 @@ def sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, 
     idx = torch.tensor(keep)
     emb_f = encode_prompts(tokenizer, text_encoder, flipped)
     pred_f = model(z[idx].permute(0, 2, 1, 3, 4), sigma[idx] * NUM_TRAIN_TIMESTEPS, emb_f).sample.permute(0, 2, 1, 3, 4)
-    err_t = (pred[idx].float() - target[idx].float()).pow(2).flatten(1).mean(1)
-    err_f = (pred_f.float() - target[idx].float()).pow(2).flatten(1).mean(1)
+    err_t = per_sample_mse(pred[idx], target[idx])
+    err_f = per_sample_mse(pred_f, target[idx])
     return F.relu(err_t - (1.0 - margin) * err_f).mean()
 
 
@@ -336,7 +337,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         x = _latents(codec, videos)
         noise = torch.randn_like(x)
-        sigma = shift_sigma(logit_normal_sigma(len(x)), cfg.shift)
+        sigma = training_sigma(len(x), cfg.shift)
         n_uniform = int(round(cfg.uniform_t_frac * len(x)))
         if n_uniform:
             sigma[:n_uniform] = torch.rand(n_uniform)
@@ -344,11 +345,13 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         with torch.set_grad_enabled(cfg.train_text_encoder):
             emb = encode_prompts(tokenizer, text_encoder, prompts)
         pred = model(z.permute(0, 2, 1, 3, 4), sigma * NUM_TRAIN_TIMESTEPS, emb).sample.permute(0, 2, 1, 3, 4)
-        loss = F.mse_loss(pred.float(), (noise - x).float())
+        target = velocity_target(x, noise)
+        # A mean over every element (equal-sized clips: the mean of per_sample_mse, up to rounding).
+        loss = squared_error(pred, target).mean()
         loss_total = loss
         sign_term = sep_term = None
         if cfg.sign_weight > 0:
-            sign_term = sign_hinge(model, tokenizer, text_encoder, z, sigma, noise - x, pred, prompts, cfg.sign_margin)
+            sign_term = sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, cfg.sign_margin)
             loss_total = loss_total + cfg.sign_weight * sign_term
         if cfg.text_sep_weight > 0 and cfg.train_text_encoder:
             rng = np.random.default_rng([cfg.seed, step, 0x7E47])
