@@ -129,18 +129,16 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
 
     out, teacher, budget, res, _ = tiny_run
     calls = []
-    real = rp._config_class
+    real = rp.method_info
 
     def no_training(kind):
-        cls, _ = real(kind)
-
         def train(cfg):
             calls.append(kind)
             raise AssertionError("a finished job was retrained")
 
-        return cls, train
+        return replace(real(kind), train=train)
 
-    monkeypatch.setattr(rp, "_config_class", no_training)
+    monkeypatch.setattr(rp, "method_info", no_training)
     monkeypatch.setattr(tb, "_generate_all", lambda *a, **k: calls.append("generate"))
     again = rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
     assert calls == []  # no job retrained, no clip regenerated

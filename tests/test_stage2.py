@@ -20,7 +20,7 @@ from anystep.rollout import (
     flowmap_backward_simulation,
     flowmap_rollout,
 )
-from anystep.train.stage2 import Stage2Config, Stage2Trainer, train_stage2
+from anystep.train.stage2 import Stage2Config, Stage2Method, train_stage2
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -205,7 +205,7 @@ def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir
     from anystep.models.velocity import teacher_velocity
     from anystep.sampling import load_model
 
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path))
     ref = load_model(teacher_dir).transformer.float().eval()  # an untouched copy: no adapters
     z, cond = _inputs(2)
     null = torch.randn_like(cond)
@@ -230,14 +230,14 @@ def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir
 def test_causal_cotrained_stage1_has_no_aux_pass_by_default(teacher_dir, stage1_dir, causal_dir, tmp_path):
     """The reference's on-policy configs set bidirectional_modeling_prob: 0; an override keeps it."""
     kw = dict(causal=True, student=str(causal_dir))
-    assert Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
+    assert Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
     assert tr.stage1.cfg.bidirectional_aux_prob == 0.1
 
 
 @pytest.mark.parametrize("rollout", ["flowmap", "consistency"])
 def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path, rollout):
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
     s0, t0 = _snapshot(tr.student), _snapshot(tr.teacher)  # teacher == critic base + critic LoRA
     rec = tr.generator_step()
     assert math.isfinite(rec["loss_generator"]) and rec["loss_dmd"] > 0 and "loss_stage1" in rec
@@ -247,7 +247,7 @@ def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path
 
 
 def test_generator_step_without_stage1_cotraining(teacher_dir, stage1_dir, tmp_path):
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, lr=1e-3))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, lr=1e-3))
     s0 = _snapshot(tr.student)
     rec = tr.generator_step()
     assert "loss_stage1" not in rec and rec["loss_generator"] == pytest.approx(rec["loss_dmd"])
@@ -257,7 +257,7 @@ def test_generator_step_without_stage1_cotraining(teacher_dir, stage1_dir, tmp_p
 @pytest.mark.parametrize("causal", [False, True])
 def test_critic_step_never_updates_the_student(teacher_dir, stage1_dir, causal_dir, tmp_path, causal):
     kw = dict(causal=True, student=str(causal_dir)) if causal else {}
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, critic_lr=1e-3, **kw))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, critic_lr=1e-3, **kw))
     s0, t0 = _snapshot(tr.student), _snapshot(tr.teacher)
     rec = tr.critic_step()
     assert math.isfinite(rec["loss_critic"])
@@ -270,9 +270,9 @@ def test_critic_step_never_updates_the_student(teacher_dir, stage1_dir, causal_d
 def test_random_choices_agree_across_ranks(teacher_dir, stage1_dir, tmp_path):
     recs = []
     for rank in (0, 1):
-        tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, batch_size=1), rank=rank, world_size=2)
-        _, m = tr.generator_loss(5, 0)
-        _, c = tr.critic_loss(5, 0)
+        tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, batch_size=1), rank=rank, world_size=2)
+        _, m = tr.generator_update_loss(5, 0)
+        _, c = tr.critic_update_loss(5, 0)
         recs.append((m, c))
     (m0, c0), (m1, c1) = recs
     assert (m0["gen_steps"], m0["gen_grad_index"]) == (m1["gen_steps"], m1["gen_grad_index"])

@@ -384,29 +384,25 @@ def _check_teacher_train(cfg) -> None:
         raise UserError(f"long_frac={cfg.long_frac} needs long_num_frames > 0")
 
 
-def _training_methods() -> dict:
-    """method -> (config class, train function, pre-flight check, what it writes)."""
-    from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
-    from anystep.train.stage1 import Stage1Config, train_stage1
-    from anystep.train.stage2 import Stage2Config, train_stage2
-    from anystep.train.teacher import TeacherConfig, train_teacher
-
-    return {
-        "teacher": (TeacherConfig, train_teacher, _check_teacher_train, "teacher"),
-        "stage1": (Stage1Config, train_stage1, _check_stage1, "stage-1 model"),
-        "stage2": (Stage2Config, train_stage2, _check_stage2, "stage-2 model"),
-        "consistency_init": (ConsistencyInitConfig, train_consistency_init, _check_teacher_only, "consistency ODE-init model"),
-    }
+# Each method's pre-flight check: a bad folder or setting is one line before any output exists.
+_PREFLIGHT = {
+    "teacher": _check_teacher_train,
+    "stage1": _check_stage1,
+    "stage2": _check_stage2,
+    "consistency_init": _check_teacher_only,
+}
 
 
 def cmd_train(args) -> int:
     from anystep.config import build_config, to_yaml
 
-    methods = _training_methods()
-    if args.method not in methods:
+    from anystep.train.registry import method_info, method_names
+
+    if args.method not in method_names():
         raise UserError(f"unknown training method {args.method!r}")
-    cfg_cls, train, check, what = methods[args.method]
-    cfg = build_config(cfg_cls, args.config, args.overrides)
+    info = method_info(args.method)
+    train, check, what = info.train, _PREFLIGHT[args.method], info.what
+    cfg = build_config(info.config, args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -415,8 +411,7 @@ def cmd_train(args) -> int:
 
     if launched_world_size() > 1 and args.method == "teacher":
         raise UserError("the toy teacher trains in one process; run `anystep train teacher` without torchrun")
-    if check is not None:
-        check(cfg)
+    check(cfg)
     allow = _allowed_changes(args.allow_changed, cfg)
     from anystep.distributed import all_sum, setup, shutdown
 
@@ -612,19 +607,21 @@ def _train_method_help(argv: list[str]) -> bool:
     """`anystep train METHOD --help`: the usual help, then every config key of that method."""
     if len(argv) < 2 or argv[0] != "train" or not ({"-h", "--help"} & set(argv)):
         return False
-    methods = _training_methods()
-    if argv[1] not in methods:
+    from anystep.train.registry import method_info, method_names
+
+    if argv[1] not in method_names():
         return False
     from anystep.config_help import config_keys_help
 
     sub = build_parser()._subparsers._group_actions[0].choices["train"]
     print(sub.format_help())
-    print(config_keys_help(methods[argv[1]][0]))
+    print(config_keys_help(method_info(argv[1]).config))
     return True
 
 
 def build_parser() -> argparse.ArgumentParser:
     from anystep import __version__
+    from anystep.train.registry import method_names
 
     p = _Parser(prog="anystep", description="AnyFlow any-step video diffusion distillation on diffusers.")
     p.add_argument("--version", action="version", version=f"anystep {__version__}")
@@ -672,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model")
-    t.add_argument("method", choices=["teacher", "stage1", "stage2", "consistency_init"])
+    t.add_argument("method", choices=method_names())
     t.add_argument("--config", default=None)
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.add_argument("--allow-changed", action="append", default=[], metavar="KEY[,KEY]",

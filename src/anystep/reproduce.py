@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from anystep.train.registry import method_info
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = ROOT / "models" / "toy-teacher"
 TOY_CONFIGS = ROOT / "configs" / "toy"
@@ -147,18 +149,6 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
     return jobs, rows
 
 
-def _config_class(kind: str):
-    from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
-    from anystep.train.stage1 import Stage1Config, train_stage1
-    from anystep.train.stage2 import Stage2Config, train_stage2
-
-    return {
-        "stage1": (Stage1Config, train_stage1),
-        "stage2": (Stage2Config, train_stage2),
-        "consistency_init": (ConsistencyInitConfig, train_consistency_init),
-    }[kind]
-
-
 class SettingsChanged(UserError, ValueError):
     """A finished or partial job in ``--out`` was made with different settings."""
 
@@ -167,7 +157,9 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
     """Names of the settings in which a job record ``have`` differs from ``want``.
 
     A field absent from ``have`` was added to ``cls`` after that run was made; the run behaved as
-    that field's default, so it only counts as a difference when ``want`` asks for another value."""
+    that field's default, so it only counts as a difference when ``want`` asks for another value.
+    A key of ``have`` that ``cls`` no longer has is a difference too, unless it was recorded empty
+    (None, {}, [], ""): an unused, since-retired field such as ``Stage1Config.extra``."""
     if have.get("kind") != want.get("kind"):
         return ["kind"]
     defaults = {}
@@ -180,7 +172,8 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
     old, new = have["config"], want["config"]
     missing = object()
     diff = []
-    for k in sorted(set(old) | set(new)):
+    retired_empty = {k for k, v in old.items() if k not in defaults and v in (None, {}, [], "")}
+    for k in sorted((set(old) - retired_empty) | set(new)):
         before = old[k] if k in old else defaults.get(k, missing)
         if before != new.get(k, missing):
             diff.append(k)
@@ -207,7 +200,8 @@ def run_job(job: Job) -> Path:
     from anystep.train.common import atomic_write
 
     d = Path(job.dir)
-    cls, train = _config_class(job.kind)
+    info = method_info(job.kind)
+    cls = info.config
     cfg = build_config_from_dict(cls, job.config)
     record = d / "reproduce_job.json"
     want = json.loads(json.dumps({"kind": job.kind, "config": asdict(cfg)}))
@@ -227,7 +221,7 @@ def run_job(job: Job) -> Path:
         return d / "model"
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda f: f.write(json.dumps(want, indent=1).encode()))
-    return train(cfg)
+    return info.train(cfg)
 
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,

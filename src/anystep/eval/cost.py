@@ -49,12 +49,12 @@ class _Stage1Step:
 
 
 def _stage2_step(teacher: str, student: Path, variant: str, causal: bool, batch: int, out: Path):
-    from anystep.train.stage2 import Stage2Config, Stage2Trainer
+    from anystep.train.stage2 import Stage2Config, Stage2Method
 
     cfg = Stage2Config(student=str(student), teacher=teacher, out=str(out), batch_size=batch, causal=causal,
                        num_frames=13 if causal else 7, critic_lora_rank=32, critic_lora_alpha=32,
                        **STAGE2_VARIANTS[variant])
-    return Stage2Trainer(cfg).train_step
+    return Stage2Method(cfg).train_step
 
 
 def measure_costs(teacher: str, batch: int = 4, repeats: int = 3, archs=("bidirectional", "causal"),

@@ -26,6 +26,7 @@ from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
 from anystep.train.checkpoint import CheckpointError
 from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, rng_state, set_rng_state, warmup_cooldown_lambda
 from anystep.models.card import training_rows
+from anystep.train.registry import MethodInfo
 
 
 @dataclass
@@ -391,3 +392,6 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     save_teacher_folder(out / "model", final_model, final_text, tokenizer, codec, shift=cfg.shift,
                         training=training_rows(cfg, "teacher"))
     return out / "model"
+
+
+METHOD = MethodInfo(TeacherConfig, None, train_teacher, "teacher")
