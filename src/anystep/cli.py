@@ -363,7 +363,12 @@ def _check_stage2(cfg) -> None:
 
 
 def _check_teacher_train(cfg) -> None:
-    if cfg.init and Path(cfg.init).is_dir():
+    from anystep.train.checkpoint import has_checkpoint, read_meta
+
+    if cfg.init and has_checkpoint(cfg.init):
+        if str(read_meta(cfg.init).get("name")) != "teacher":
+            raise UserError(f"init={cfg.init}: a teacher fine-tune starts from a teacher run or a teacher folder")
+    elif cfg.init and Path(cfg.init).is_dir():
         if _load(cfg.init).kind != "teacher":
             raise UserError(f"init={cfg.init}: a teacher fine-tune starts from a Wan teacher folder")
         from anystep.models.toy import TOY_TRANSFORMER
@@ -376,9 +381,9 @@ def _check_teacher_train(cfg) -> None:
         if differ:
             raise UserError(f"init={cfg.init}: its transformer does not match this run's ({', '.join(differ)}); "
                             f"set transformer={{...}} to the folder's config")
-    elif cfg.init and not Path(cfg.init).is_file():
+    elif cfg.init:
         raise UserError(
-            f"init={cfg.init}: neither a teacher checkpoint (checkpoint.pt of `anystep train teacher`) nor a teacher folder"
+            f"init={cfg.init}: neither a teacher checkpoint (the out= folder of `anystep train teacher`) nor a teacher folder"
         )
     if cfg.long_frac and cfg.long_num_frames <= 0:
         raise UserError(f"long_frac={cfg.long_frac} needs long_num_frames > 0")

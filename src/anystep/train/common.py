@@ -1,12 +1,10 @@
-"""Pieces every training method shares: EMA, atomic checkpoints, JSONL metrics, LR warm-up."""
+"""Pieces every training method shares: EMA, JSONL metrics, LR schedules, atomic files and folders."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -82,10 +80,6 @@ def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
     return atomic_file(path, through_file)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def atomic_save_folder(write_fn, dest: str | os.PathLike, kind: str | None = None) -> None:
     """Build a folder with ``write_fn(tmpdir)`` next to ``dest`` and swap it in by rename.
 
@@ -107,30 +101,6 @@ def atomic_save_folder(write_fn, dest: str | os.PathLike, kind: str | None = Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-@torch.no_grad()
-def load_trainable(module: torch.nn.Module, tensors: dict, source, what: str = "model") -> None:
-    """Copy checkpointed trainable tensors (by parameter name) into ``module``; refuse a mismatch."""
-    params = dict(module.named_parameters())
-    for k, v in tensors.items():
-        if k not in params:
-            raise ValueError(f"checkpoint {source} does not match the {what} (unknown parameter {k})")
-        params[k].copy_(v)
-
-
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 class JsonlLogger:

@@ -39,41 +39,17 @@ class RunState:
     model: Path | None = None
 
 
-def _method_name(method: str, cfg) -> str:
-    """The ``name`` the method's checkpoints record (see each trainer's ``save``)."""
-    if method == "stage1":
-        return f"stage1:{cfg.method}"
-    return method
-
-
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
 def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     """(config the checkpoint was written with, its step); (None, 0) without a checkpoint."""
-    if method == "teacher":
-        ckpt = out / "checkpoint.pt"
-        if (out / "checkpoint").is_dir():
-            raise UserError(f"out={out} holds a distilled-model run (checkpoint/), not a teacher run; use another out=")
-        if not ckpt.is_file():
-            return None, 0
-        import torch
-
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            step = int(state["step"])
-        except Exception as e:  # a damaged pickle raises anything
-            raise UserError(f"{ckpt} cannot be read ({type(e).__name__}); move it away to start over") from None
-        try:
-            config = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        return config, step
     from anystep.train.checkpoint import CHECKPOINT_DIR, recover_interrupted_swap
 
     if (out / "checkpoint.pt").is_file():
-        raise UserError(f"out={out} holds a teacher run (checkpoint.pt), not a {method} run; use another out=")
+        raise UserError(f"out={out} holds a teacher run of an older anystep (checkpoint.pt), whose format is no longer "
+                        "read; use another out=")
     recover_interrupted_swap(out)
     ckpt = out / CHECKPOINT_DIR
     if not ckpt.exists():
@@ -145,16 +121,12 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
         meta, step = _previous(method, out)
         state = RunState(out=out, step=step)
         if meta is not None:
-            if method != "teacher":
-                name = meta.get("name")
-                if name is not None and name != _method_name(method, cfg):
-                    raise UserError(f"out={out} holds a {name!r} checkpoint, not {_method_name(method, cfg)!r}; "
-                                    "use another out=")
-                old_cfg = meta.get("config") or {}
-            else:
-                old_cfg = meta
+            name = meta.get("name")
+            if name is not None and name.split(":")[0] != method:
+                raise UserError(f"out={out} holds a {name!r} checkpoint, not {method!r}; use another out=")
+            old_cfg = meta.get("config") or {}
             changed = _changed(old_cfg, asdict(cfg))
-            _check_global_batch(out, method, meta, cfg, changed)
+            _check_global_batch(out, meta, cfg)
             refused = sorted(k for k in changed if k not in FREE_ON_RESUME | BATCH_KEYS and k not in allow_changed)
             if refused:
                 raise UserError(f"resuming {out} with changed settings: {_describe(changed, refused)}; "
@@ -178,13 +150,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
             release_lock(lock)
 
 
-def _check_global_batch(out: Path, method: str, meta: dict, cfg, changed: dict) -> None:
-    if method == "teacher":  # one process: the batch itself is the global batch
-        fixed = sorted(k for k in changed if k in BATCH_KEYS)
-        if fixed:
-            raise UserError(f"resuming {out} with another {', '.join(fixed)} is not possible (it fixes which data and "
-                            f"noise every step sees): {_describe(changed, fixed)}")
-        return
+def _check_global_batch(out: Path, meta: dict, cfg) -> None:
     from anystep.distributed import launched_world_size
 
     want = meta.get("global_batch")
