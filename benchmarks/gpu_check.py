@@ -39,13 +39,13 @@ from anystep.flow.schedule import sampling_grid
 from anystep.flow.stage1 import sample_types
 from anystep.flow.matching import x0_from_velocity
 from anystep.flow.stage2 import dmd_gradient, dmd_loss
-from anystep.models.far_train import (
+from anystep.models.far_attention import (
     far_attention_kind,
-    far_flow_map_velocity,
     use_compiled_flex_far_attention,
     use_dense_far_attention,
     use_flex_far_attention,
 )
+from anystep.models.far_train import far_flow_map_velocity
 from anystep.models.lora import add_student_lora
 from anystep.models.students import student_from_teacher
 from anystep.models.velocity import flow_map_velocity, teacher_velocity

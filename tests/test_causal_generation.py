@@ -110,7 +110,8 @@ def test_toybench_image_to_video_keeps_each_real_first_frame(far, tmp_path):
     """ToyBench I2V: every clip starts from the first frame of its own prompt's held-out real clip,
     and the record says so; a context that does not end a chunk is refused."""
     from anystep.data.moving_digits import WorldConfig
-    from anystep.eval.toybench import real_clips_for, run_toybench, toybench_prompts
+    from anystep.eval.toybench import real_clips_for, toybench_prompts
+    from anystep.eval.toybench_run import run_toybench
 
     res = run_toybench(far.folder, steps=(2,), out_dir=tmp_path / "i2v", n_prompts=4, n_show=4, context_frames=1)
     assert res["context_frames"] == 1

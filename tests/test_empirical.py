@@ -56,7 +56,7 @@ def tiny_teacher(tmp_path_factory):
 def test_empirical_teacher_on_movingdigits(tiny_teacher):
     """In a model folder's latent space: 1 step is the mean of the prompt's training clips (a blur of
     ~2,500 placements), 20 steps is one of those clips; CFG with the mixture keeps that."""
-    from anystep.eval.toybench import clip_scores
+    from anystep.eval.clip_analysis import clip_scores
 
     teacher = EmpiricalTeacher(str(tiny_teacher), n_others=64)
     prompt = "a green seven moving up"

@@ -226,7 +226,7 @@ def run_job(job: Job) -> Path:
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
           context_frames: int = 0, sampler: str | None = None) -> dict:
-    from anystep.eval.toybench import run_toybench
+    from anystep.eval.toybench_run import run_toybench
 
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
                         num_frames=num_frames, context_frames=context_frames, sampler=sampler)

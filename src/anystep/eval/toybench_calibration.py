@@ -98,7 +98,8 @@ def corruption_table(n_prompts: int = 40, world: WorldConfig | None = None) -> d
 
 
 def main(argv=None) -> None:
-    from anystep.eval.toybench import QUALITY_KEYS, SEMANTIC_KEYS, TOYBENCH_VERSION
+    from anystep.eval.clip_analysis import QUALITY_KEYS, SEMANTIC_KEYS
+    from anystep.eval.toybench import TOYBENCH_VERSION
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-prompts", type=int, default=40)
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     for k in keys:
         print(f"{k:24s}" + "".join(f"{table[s][k]:10.1f}" if k != "frechet" else f"{table[s][k]:10.3g}" for s in table))
     if args.teacher:
-        from anystep.eval.toybench import _generate_all, toybench_prompts
+        from anystep.eval.toybench import toybench_prompts
+        from anystep.eval.toybench_run import _generate_all
         from anystep.models.loaded import load_model
 
         model = load_model(args.teacher)

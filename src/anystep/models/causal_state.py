@@ -14,9 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS
+from anystep.models.far_attention import far_attention_for_device, far_attention_kind
 from anystep.models.far_train import (
-    far_attention_for_device,
-    far_attention_kind,
     far_attention_mask,
     far_flow_map_velocity,
     far_layout,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from anystep.distributed import shard
-from anystep.models.far_train import far_attention_for_device
+from anystep.models.far_attention import far_attention_for_device
 from anystep.models.folders import save_anyflow_folder, save_teacher_folder
 from anystep.models.latents import temporal_factor
 from anystep.models.loaded import load_model
