@@ -38,6 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
+from anystep.config import build_config_from_dict, load_yaml
+from anystep.eval.cost import measure_costs
+from anystep.eval.toybench_run import run_toybench
+from anystep.io import frame_grid, to_uint8, write_mp4
+from anystep.report import TEACHER_REFERENCE_STEPS, write_report
+from anystep.train.common import atomic_write
 from anystep.train.registry import method_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,8 +95,6 @@ class Job:
 
 
 def _toy(name: str) -> dict:
-    from anystep.config import load_yaml
-
     return load_yaml(TOY_CONFIGS / f"{name}.yaml")
 
 
@@ -196,9 +200,6 @@ def folder_digest(folder) -> str:
 
 def run_job(job: Job) -> Path:
     """Train one job unless its model exists; a partial run resumes from its checkpoint."""
-    from anystep.config import build_config_from_dict
-    from anystep.train.common import atomic_write
-
     d = Path(job.dir)
     info = method_info(job.kind)
     cls = info.config
@@ -226,8 +227,6 @@ def run_job(job: Job) -> Path:
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
           context_frames: int = 0, sampler: str | None = None) -> dict:
-    from anystep.eval.toybench_run import run_toybench
-
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
                         num_frames=num_frames, context_frames=context_frames, sampler=sampler)
 
@@ -267,8 +266,6 @@ def _steps_at_nfe(steps, guided: bool, nfes=(4, 32)) -> tuple[int, ...]:
 def _samples_figure(results: dict, out: Path) -> None:
     """samples.png: per architecture, every method at 1/4/16/32 steps on the same two prompts;
     plus ``samples_<arch>_<method>.mp4`` (rows: step counts, columns: four prompts)."""
-    from anystep.io import to_uint8, write_mp4
-
     panels = []
     for arch, a in results["architectures"].items():
         for method, m in a["methods"].items():
@@ -301,7 +298,6 @@ def _panel_figure(panels, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from anystep.io import frame_grid
 
     by_arch: dict = {}
     for title, clips in panels:
@@ -339,9 +335,6 @@ def _panel_figure(panels, path) -> None:
 def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = None, measure_cost: bool = True,
               command: str = "", progress=print) -> dict:
     """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
-    from anystep.report import write_report
-    from anystep.train.common import atomic_write
-
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,8 +383,6 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
         results["architectures"][arch] = {"methods": methods, "sampler_cross": cross}
         if arch == "causal":
             # The causal students make CAUSAL_FRAMES-frame clips; their ceiling is the teacher at that length.
-            from anystep.report import TEACHER_REFERENCE_STEPS
-
             say(f"ToyBench: the teacher on {CAUSAL_FRAMES}-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")
             res = _eval(str(teacher), (TEACHER_REFERENCE_STEPS,), out / "eval" / arch / "teacher_13f", budget.n_prompts,
                         num_frames=CAUSAL_FRAMES)
@@ -413,7 +404,6 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             results["cost"] = json.loads(cost_path.read_text())
         else:
             say("measuring per-iteration training cost (Table 5 analogue)")
-            from anystep.eval.cost import measure_costs
 
             results["cost"] = measure_costs(str(teacher), batch=4, repeats=budget.cost_repeats, archs=budget.archs,
                                             progress=say)

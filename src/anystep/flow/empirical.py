@@ -33,7 +33,13 @@ import numpy as np
 import torch
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, digit_images, parse_prompt, render_clip
+from anystep.eval.toybench import score_videos, toybench_prompts
 from anystep.flow.guidance import guided_velocity
+from anystep.flow.schedule import sampling_grid
+from anystep.models.latents import encode_pixels
+from anystep.models.loaded import load_model
+from anystep.report import bootstrap_ci
+from anystep.sampling import initial_noise, latents_to_video
 
 
 def empirical_log_likelihood(z: torch.Tensor, t: float, clips: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,8 +87,6 @@ class EmpiricalTeacher:
 
     def __init__(self, folder: str = "models/toy-teacher", world: WorldConfig | None = None, n_others: int = 2048,
                  seed: int = 0):
-        from anystep.models.loaded import load_model
-
         self.model = load_model(folder)
         self.world = world or WorldConfig()
         self.n_prompts = len(self.world.colors) * 10 * len(self.world.directions)
@@ -93,8 +97,6 @@ class EmpiricalTeacher:
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def encode(self, videos: np.ndarray) -> torch.Tensor:
-        from anystep.models.latents import encode_pixels
-
         return encode_pixels(self.model.pipe.vae, torch.from_numpy(np.ascontiguousarray(videos))).float()
 
     def sets(self, prompt: str) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,9 +133,6 @@ class EmpiricalTeacher:
         """{steps: pixels (B, F, 3, H, W)} for each step count: Euler on the shifted grid from each
         prompt seed's initial noise (the noise the network teacher starts from). Prompt by prompt,
         every step count while its clip set is built."""
-        from anystep.flow.schedule import sampling_grid
-        from anystep.sampling import initial_noise, latents_to_video
-
         steps = [int(s) for s in ([steps] if isinstance(steps, int) else steps)]
         shape = self.model.latent_shape(self.world.num_frames, self.world.canvas, self.world.canvas)
         out: dict[int, list[np.ndarray]] = {s: [] for s in steps}
@@ -148,9 +147,6 @@ class EmpiricalTeacher:
 
 
 def main(argv=None) -> None:
-    from anystep.eval.toybench import score_videos, toybench_prompts
-    from anystep.report import bootstrap_ci
-
     ap = argparse.ArgumentParser(description="ToyBench of the exact empirical-flow teacher")
     ap.add_argument("--steps", default="2,16,50")
     ap.add_argument("--guidance", type=float, default=4.0, help="usual CFG form; 1 = the conditional flow alone")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from anystep.models.folders import ModelFolderError, load_pipeline, read_model_index, save_anyflow_folder
 
 
 #: Reference causal chunk partition (docs/design.md section 3: 81 frames = 21 latents = 1 + 6*3 + 2).
@@ -188,8 +189,6 @@ def _load_wan_transformer(teacher):
         raise TypeError(f"expected a WanTransformer3DModel, got {type(teacher).__name__}")
     folder = Path(teacher)
     if (folder / "model_index.json").exists():
-        from anystep.models.folders import read_model_index
-
         index = read_model_index(folder)
         if index["_class_name"] != "WanPipeline":
             raise ValueError(f"{folder} is a {index['_class_name']} folder, not a Wan teacher (WanPipeline)")
@@ -281,8 +280,6 @@ def student_folder_from_teacher(
     ``num_frames`` (pixel frames), when given, is checked against ``chunk_partition``: a causal
     student can only generate clips whose latent frame count equals the partition's sum.
     """
-    from anystep.models.folders import ModelFolderError, load_pipeline, save_anyflow_folder
-
     pipe = load_pipeline(teacher_folder)
     if type(pipe).__name__ != "WanPipeline":
         raise ModelFolderError(f"{teacher_folder}: expected a teacher (WanPipeline) folder, got {type(pipe).__name__}")

@@ -20,8 +20,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from anystep.distributed import launched_world_size
 from anystep.errors import UserError
-from anystep.fsutil import has_entries, read_marker, release_lock, take_lock, write_marker
+from anystep.fsutil import check_parent_writable, has_entries, read_marker, release_lock, take_lock, write_marker
+from anystep.train.checkpoint import CHECKPOINT_DIR, missing_piece, read_meta, recover_interrupted_swap
+from anystep.train.common import atomic_write
 
 RUN_KIND = "run"
 # Changing these on resume is what resuming is for (a longer run, other logging); the run honours them.
@@ -45,8 +48,6 @@ def _jsonable(value):
 
 def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     """(config the checkpoint was written with, its step); (None, 0) without a checkpoint."""
-    from anystep.train.checkpoint import CHECKPOINT_DIR, recover_interrupted_swap
-
     if (out / "checkpoint.pt").is_file():
         raise UserError(f"out={out} holds a teacher run of an older anystep (checkpoint.pt), whose format is no longer "
                         "read; use another out=")
@@ -54,13 +55,11 @@ def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     ckpt = out / CHECKPOINT_DIR
     if not ckpt.exists():
         return None, 0
-    from anystep.train.checkpoint import missing_piece
 
     missing = missing_piece(ckpt)
     if missing is not None:
         raise UserError(f"the checkpoint in {ckpt} is incomplete or damaged ({missing}); it is not restarted over: "
                         f"move {ckpt} away to start from step 0, or use another out=")
-    from anystep.train.checkpoint import read_meta
 
     meta = read_meta(out)
     return meta, int(meta.get("step", 0))
@@ -96,8 +95,6 @@ def cut_metrics(path: Path, step: int) -> None:
         else:
             cut = True
     if cut:
-        from anystep.train.common import atomic_write
-
         atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep)), binary=False)
 
 
@@ -111,7 +108,6 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
     if not created and has_entries(out) and not _is_ours(out):
         raise UserError(f"out={out} is a non-empty folder that is not an anystep run; it is left as it is: "
                         "choose a new or empty out=")
-    from anystep.fsutil import check_parent_writable
 
     check_parent_writable(out / "x", "out=")
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +147,6 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
 
 
 def _check_global_batch(out: Path, meta: dict, cfg) -> None:
-    from anystep.distributed import launched_world_size
-
     want = meta.get("global_batch")
     have = int(cfg.batch_size) * launched_world_size() * max(1, int(getattr(cfg, "grad_accum", 1)))
     if want is not None and int(want) != have:
