@@ -252,7 +252,7 @@ def far_flow_map_velocity(
 
     ``z``: noisy latents ``(B, F, C, h, w)``; ``t_sigma``, ``r_sigma``: sigmas in [0, 1] as a
     scalar, ``(B,)`` or per frame ``(B, F)`` (scaled by 1000 to model timesteps, kept fp32 as in
-    :func:`anystep.models.students.flow_map_velocity`); ``chunk_partition`` sums to ``F``.
+    :func:`anystep.models.velocity.flow_map_velocity`); ``chunk_partition`` sums to ``F``.
 
     With ``clean_latents`` (``(B, F, C, h, w)``, the clean clip): the clean-copy teacher-forcing
     layout of FAR (docs/design.md section 3, "clean context chunks at t = r = 0"), see the module

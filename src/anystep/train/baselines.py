@@ -39,7 +39,6 @@ from anystep.models.card import training_rows
 from anystep.models.far_train import far_flow_map_velocity
 from anystep.models.lora import REFERENCE_LORA_TARGETS
 from anystep.models.velocity import flow_map_velocity, teacher_velocity
-from anystep.train.common import warmup_lambda
 from anystep.train.loop import run_method
 from anystep.train.registry import MethodInfo
 from anystep.train.stage1 import CHUNK_SAMPLE_PROB, chunk_count
@@ -154,23 +153,17 @@ class ConsistencyInitMethod:
         self.teacher = self.pipe.transformer.float().eval().requires_grad_(False)
         self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
         self.grid = consistency_grid(cfg.grid_steps, cfg.shift)
-        self._build_updaters()
+        self.updaters = [Updater.from_config(self.student, self.loss, cfg)]
 
     @staticmethod
     def sampler(cfg: ConsistencyInitConfig) -> str:
         return "consistency"
 
-    def _build_updaters(self) -> None:
-        c = self.cfg
-        self.updaters = [Updater(self.student, self.loss, c.lr, c.betas, c.weight_decay, c.grad_clip, c.ema_decay,
-                                 c.ema_start, warmup_lambda(c.warmup))]
-
     def prepare_for_training(self, env) -> None:
-        prepare_student(self.student, env, causal=self.cfg.causal, gradient_checkpointing=self.cfg.gradient_checkpointing,
-                        mixed_precision=self.cfg.mixed_precision)
+        prepare_student(self.student, env, self.cfg)
         self.device = env.device
         self.teacher.to(env.device)  # frozen, replicated: it only runs no-grad ODE solves
-        self._build_updaters()
+        self.updaters = [Updater.from_config(self.student, self.loss, self.cfg)]
 
     def batch(self, step: int, micro: int):
         return self.data.batch(step, self.cfg.batch_size, micro, self.cfg.grad_accum, self.rank, self.world_size)

@@ -65,7 +65,6 @@ from anystep.models.loaded import load_model
 from anystep.models.lora import REFERENCE_LORA_TARGETS, add_student_lora
 from anystep.models.velocity import teacher_velocity
 from anystep.rollout import consistency_backward_simulation, flowmap_backward_simulation
-from anystep.train.common import warmup_lambda
 from anystep.train.loop import run_method, run_updates
 from anystep.train.registry import MethodInfo
 from anystep.train.stage1 import Stage1Config, Stage1Loss
@@ -202,14 +201,11 @@ class Stage2Method:
 
     def _build_updaters(self) -> None:
         """Over the current parameters (rebuilt after sharding, whose DTensors replace the plain ones)."""
-        c = self.cfg
-        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, ema_decay=c.ema_decay,
-                      ema_start=c.ema_start, lr_lambda=warmup_lambda(c.warmup))
         self.updaters = [
-            Updater(self.student, self.generator_update_loss, c.lr, tag="generator",
-                    keys=("student", "opt_g", "ema_g", "sched_g"), **common),
-            Updater(self.critic, self.critic_update_loss, c.critic_lr, tag="critic",
-                    keys=("critic", "opt_c", "ema_c", "sched_c"), **common),
+            Updater.from_config(self.student, self.generator_update_loss, self.cfg, tag="generator",
+                                keys=("student", "opt_g", "ema_g", "sched_g")),
+            Updater.from_config(self.critic, self.critic_update_loss, self.cfg, lr=self.cfg.critic_lr, tag="critic",
+                                keys=("critic", "opt_c", "ema_c", "sched_c")),
         ]
 
     def prepare_for_training(self, env) -> None:
@@ -220,8 +216,7 @@ class Stage2Method:
         """
         s1 = self.stage1.cfg
         self.env, self.device = env, env.device
-        prepare_student(self.student, env, causal=s1.causal, gradient_checkpointing=s1.gradient_checkpointing,
-                        mixed_precision=s1.mixed_precision)
+        prepare_student(self.student, env, s1)
         self.stage1.device = env.device
         if self.cfg.causal:  # the rollout's attention processors, for the device the student now lives on
             prepare_far_for_rollout(self.student)

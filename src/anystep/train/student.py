@@ -93,15 +93,15 @@ def is_wan(student, pipe) -> bool:
     return student is pipe.transformer and type(pipe).__name__ == "WanPipeline"
 
 
-def prepare_student(student, env, *, causal: bool, gradient_checkpointing: bool, mixed_precision: bool) -> None:
-    """Move the student to this rank's device, pick its FAR attention for that device, switch on
-    gradient checkpointing, shard it (FSDP2)."""
+def prepare_student(student, env, cfg) -> None:
+    """Move the student to this rank's device, pick its FAR attention for that device (``cfg.causal``),
+    switch on gradient checkpointing, shard it (FSDP2, ``cfg.mixed_precision``)."""
     student.to(env.device)
-    if causal:  # flex attention on CUDA, the dense fallback on CPU
+    if cfg.causal:  # flex attention on CUDA, the dense fallback on CPU
         far_attention_for_device(student, env.device)
-    if gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    shard(student, env, mixed_precision=mixed_precision)
+    shard(student, env, mixed_precision=cfg.mixed_precision)
 
 
 def save_student(dest, student, pipe, *, shift: float, sampler: str, wan: bool = False, training: dict | None = None,

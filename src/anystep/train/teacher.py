@@ -289,8 +289,8 @@ class TeacherMethod:
         groups = [{"params": list(self.model.parameters()), "lr": c.lr}]
         if c.train_text_encoder:
             groups.append({"params": list(self.text_encoder.parameters()), "lr": c.lr * c.text_lr_mult})
-        self.updaters = [Updater(self.both, self.loss, c.lr, c.betas, c.weight_decay, c.grad_clip, c.ema_decay,
-                                 c.ema_start, warmup_cooldown_lambda(c.warmup, c.steps, c.cooldown), groups=groups)]
+        self.updaters = [Updater.from_config(self.both, self.loss, c, groups=groups,
+                                             lr_lambda=warmup_cooldown_lambda(c.warmup, c.steps, c.cooldown))]
 
     def prepare_for_training(self, env) -> None:
         """One process on the CPU: nothing to place or shard."""

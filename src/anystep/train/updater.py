@@ -20,7 +20,7 @@ import torch
 
 from anystep.distributed import DistEnv, all_sum, autocast, is_sharded, local_value
 from anystep.train.checkpoint import load_optimizer_state, optimizer_state, trainable_tensors
-from anystep.train.common import EMA
+from anystep.train.common import EMA, warmup_lambda
 from anystep.train.runfolder import apply_resumed_hyperparams
 
 #: ``loss(step, micro) -> (loss, metrics)`` for one micro-batch.
@@ -99,6 +99,14 @@ class Updater:
         self.opt = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_lambda)
         self.ema = EMA(self.module, self.ema_decay, self.ema_start)
+
+    @classmethod
+    def from_config(cls, module: torch.nn.Module, loss: LossFn, cfg, **kw) -> "Updater":
+        """The optimiser section every method's config shares (lr, betas, weight_decay, grad_clip,
+        ema_decay, ema_start, warmup); ``kw`` overrides (``lr``, ``lr_lambda``, ``groups``, ``tag``, ``keys``)."""
+        base = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                    ema_decay=cfg.ema_decay, ema_start=cfg.ema_start, lr_lambda=warmup_lambda(cfg.warmup))
+        return cls(module, loss, **{**base, **kw})
 
     def step(self, step: int, accum: int, env: DistEnv | None, mixed_precision: bool) -> tuple[float, dict, float]:
         """One optimiser update at ``step`` over ``accum`` micro-batches, then the EMA."""
