@@ -10,6 +10,13 @@ so two revisions of the code can be compared with ``diff``:
 
 Wall-clock fields (``time``, ``*_mean`` windows that divide by it) are left out: they differ run
 to run whatever the code does.
+
+Against the record, the engine branch (issue 19) differs in these lines only, every loss, grad
+norm, probe and weight digest being equal: the teacher's log gains ``loss_mean`` and ODE-init's
+loses ``grid_index_mean_mean`` (one logging rule for every method: windows over ``loss*`` keys);
+flow-map students are sampled by ``anystep.sampling``'s own flow-map Euler instead of diffusers'
+pipelines (``stage1`` and ``s2_flowmap`` at 4 steps: ~1e-5 apart; FAR ``latents`` now equal the
+chunk-by-chunk ``chunked`` clip, which did not change).
 """
 
 from __future__ import annotations

@@ -383,3 +383,21 @@ def test_consistency_init_targets_the_flow_map_students_guided_field():
         ode_field = vu + w * (vc - vu)
         # the student's conditional output at zero Stage-1 loss fuses to the data velocity vc
         assert torch.allclose(guidance_fused_velocity(ode_field, vu, fuse), vc)
+
+
+def test_the_real_score_is_one_seam(teacher_dir, stage1_dir, tmp_path):
+    """Stage 2 scores DMD's real side through ``real_velocity`` alone: another velocity field put
+    there (an exact empirical flow, say) is what the generator step sees."""
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path))
+    z, cond = _inputs(2)
+    sigma = torch.tensor([0.9, 0.4])
+    seen = []
+
+    def zero_field(z_, sigma_, cond_, null_):
+        seen.append(tuple(z_.shape))
+        return torch.zeros_like(z_)
+
+    tr.real_velocity = zero_field
+    assert torch.equal(tr.real_x0(z, sigma, cond, torch.randn_like(cond)), z)  # x0 = z - sigma * 0
+    tr.generator_step()
+    assert seen[-1] == (2, F_LAT, C, H, W)

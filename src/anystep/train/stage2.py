@@ -192,6 +192,10 @@ class Stage2Method:
             self.critic = self.teacher
         else:
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True)
+        # The real score's seam: ``real_velocity(z, sigma, cond_embeds, null_embeds) -> guided v``
+        # (sigmas per sample, AnyFlow layout, no gradient). Any velocity field of the teacher's
+        # latent space can stand here, e.g. an exact empirical flow (anystep.flow.empirical).
+        self.real_velocity = self.teacher_real_velocity
         self._build_updaters()
 
     @staticmethod
@@ -261,14 +265,21 @@ class Stage2Method:
             for p, f in flags:
                 p.requires_grad_(f)
 
-    @torch.no_grad()
-    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-        """x0 of the real score: the teacher with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``."""
+    def teacher_real_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                              null: torch.Tensor) -> torch.Tensor:
+        """The default real score: the teacher (the critic's adapters off) with CFG,
+        v = v_c + w (v_c - v_u), w = ``real_guidance`` (w = 3 is CFG 4 in the usual form,
+        :mod:`anystep.flow.guidance`); both halves in one batched call."""
         b = z.shape[0]
         with self._real():
             v = teacher_velocity(self.teacher, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([cond, null])).float()
         v_c, v_u = v[:b], v[b:]
-        return x0_from_velocity(z, v_c + self.cfg.real_guidance * (v_c - v_u), sigma)
+        return v_c + self.cfg.real_guidance * (v_c - v_u)
+
+    @torch.no_grad()
+    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        """x0 of the real score, from :attr:`real_velocity`."""
+        return x0_from_velocity(z, self.real_velocity(z, sigma, cond, null), sigma)
 
     def critic_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return teacher_velocity(self.critic, z, sigma, cond).float()
