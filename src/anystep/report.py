@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from anystep.train.common import atomic_write
+from anystep.fsutil import atomic_write
 
 SCORES = ("Quality", "Semantic", "Total")
 PER_CLIP_KEY = {"Quality": "quality", "Semantic": "semantic", "Total": "total"}

@@ -43,7 +43,7 @@ from anystep.eval.cost import measure_costs
 from anystep.eval.toybench_run import run_toybench
 from anystep.io import frame_grid, to_uint8, write_mp4
 from anystep.report import TEACHER_REFERENCE_STEPS, write_report
-from anystep.train.common import atomic_write
+from anystep.fsutil import atomic_write
 from anystep.train.registry import method_info
 
 ROOT = Path(__file__).resolve().parents[2]

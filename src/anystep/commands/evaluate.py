@@ -16,9 +16,8 @@ from anystep.eval.vbench import (
     score_with_vbench,
     vbench_available,
 )
-from anystep.fsutil import check_parent_writable, folder_lock, has_entries
+from anystep.fsutil import atomic_write, check_parent_writable, folder_lock, has_entries
 from anystep.report import bootstrap_ci
-from anystep.train.common import atomic_write
 
 
 def cmd_eval(args) -> int:

@@ -11,11 +11,10 @@ import torch
 from anystep.commands.inputs import check_frames, default_frames, load, positive, read_prompts
 from anystep.conditioning import context_latents, read_frames
 from anystep.errors import UserError
-from anystep.fsutil import atomic_files, check_out_file, check_out_folder
+from anystep.fsutil import atomic_files, atomic_save_folder, check_out_file, check_out_folder
 from anystep.io import frame_grid, mp4_item, png_item, write_mp4, write_png
 from anystep.models.latents import temporal_factor
 from anystep.sampling import generate, generate_latents, latents_to_video
-from anystep.train.common import atomic_save_folder
 
 
 def cmd_generate(args) -> int:

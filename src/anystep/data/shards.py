@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from anystep.conditioning import read_frames
 from anystep.data.toy_batches import ToyBatches
-from anystep.fsutil import has_entries
+from anystep.fsutil import atomic_write, has_entries
 from anystep.models.latents import encode_pixels
 from anystep.models.text import encode_prompts
 from anystep.sampling import generate_latents
-from anystep.train.common import atomic_write
 
 MANIFEST = "manifest.json"
 

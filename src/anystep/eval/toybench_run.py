@@ -25,7 +25,7 @@ from anystep.eval.toybench import (
 )
 from anystep.models.loaded import load_model
 from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, generate, nfe
-from anystep.train.common import atomic_write
+from anystep.fsutil import atomic_write
 
 
 # --- running a model -----------------------------------------------------------------------------

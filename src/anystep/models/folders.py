@@ -19,7 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteSched
 
 from anystep.models.card import write_model_card
 import anystep.models.codec
-from anystep.train.common import atomic_save_folder
+from anystep.fsutil import atomic_save_folder
 
 
 class ModelFolderError(UserError, ValueError):

@@ -22,9 +22,16 @@ from pathlib import Path
 
 from anystep.distributed import launched_world_size
 from anystep.errors import UserError
-from anystep.fsutil import check_parent_writable, has_entries, read_marker, release_lock, take_lock, write_marker
+from anystep.fsutil import (
+    atomic_write,
+    check_parent_writable,
+    has_entries,
+    read_marker,
+    release_lock,
+    take_lock,
+    write_marker,
+)
 from anystep.train.checkpoint import CHECKPOINT_DIR, missing_piece, read_meta, recover_interrupted_swap
-from anystep.train.common import atomic_write
 
 RUN_KIND = "run"
 # Changing these on resume is what resuming is for (a longer run, other logging); the run honours them.
