@@ -37,20 +37,23 @@ import torch
 
 from anystep.flow.schedule import sampling_grid
 from anystep.flow.stage1 import sample_types
-from anystep.flow.stage2 import dmd_gradient, dmd_loss, x0_from_velocity
-from anystep.models.far_train import (
+from anystep.flow.matching import x0_from_velocity
+from anystep.flow.stage2 import dmd_gradient, dmd_loss
+from anystep.models.far_attention import (
     far_attention_kind,
-    far_flow_map_velocity,
     use_compiled_flex_far_attention,
     use_dense_far_attention,
     use_flex_far_attention,
 )
+from anystep.models.far_train import far_flow_map_velocity
 from anystep.models.lora import add_student_lora
-from anystep.models.students import flow_map_velocity, student_from_teacher, teacher_velocity
+from anystep.models.students import student_from_teacher
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
 from anystep.models.wan_layout import TINY_TRANSFORMER, WAN_TRANSFORMERS
 from anystep.rollout.consistency import consistency_backward_simulation
-from anystep.rollout.euler import euler_sample
-from anystep.rollout.flowmap import causal_flowmap_rollout, flowmap_backward_simulation, prepare_far_for_rollout
+from anystep.flow.solvers import euler, flow_map_euler
+from anystep.models.causal_state import prepare_far_for_rollout
+from anystep.rollout.flowmap import causal_flowmap_rollout, flowmap_backward_simulation
 from anystep.flow.stage2 import flow_map_segments
 from anystep.train.stage1 import Stage1Config, flow_matching_loss, flowmap_loss
 
@@ -441,14 +444,11 @@ def cost_rows(report, device, dtype, s, batch):
         student_u = lambda z, t, r: flow_map_velocity(student, z, t, r, c1)  # noqa: E731
 
         def flow_map_4():
-            z = noise
-            for t, r in zip(grid4[:-1], grid4[1:]):
-                z = z - (t - r) * student_u(z, t, r).float()
-            return z
+            return flow_map_euler(student_u, noise, grid4)
 
         # Every Euler step of the teacher costs the same two network calls, so 10 of the 50 steps
         # are timed and scaled by 5 (the first full run on an H200 timed all 50: 69.5 s).
-        row = timed(lambda: euler_sample(teacher_v, noise, grid50[:11], 4.0), device, warm=False)
+        row = timed(lambda: euler(teacher_v, noise, grid50[:11], 4.0), device, warm=False)
         report.data["cost"]["sample_teacher_50x2"] = {**row, "s": round(row["s"] * 5, 3), "timed_steps": "10 of 50, x5"}
         report.data["cost"]["sample_anyflow_4"] = timed(flow_map_4, device, warm=False)
         for name in ("sample_teacher_50x2", "sample_anyflow_4"):

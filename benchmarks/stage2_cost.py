@@ -48,14 +48,14 @@ def _students(teacher: str, tmp: Path) -> dict[str, Path]:
 
 
 def _trainer(teacher: str, student: Path, arch: str, variant: str, batch: int, out: Path):
-    from anystep.train.stage2 import Stage2Config, Stage2Trainer
+    from anystep.train.stage2 import Stage2Config, Stage2Method
 
     cfg = Stage2Config(
         student=str(student), teacher=teacher, out=str(out), batch_size=batch,
         causal=arch == "causal", num_frames=13 if arch == "causal" else 7,
         critic_lora_rank=32, critic_lora_alpha=32, **VARIANTS[variant],
     )
-    return Stage2Trainer(cfg)
+    return Stage2Method(cfg)
 
 
 def _child(args) -> None:

@@ -102,8 +102,9 @@ def _sync(device):
 
 
 def time_iterations(shape, latent, batch, device, dtype, lora_rank, iters, warmup):
-    from anystep.flow.stage2 import dmd_gradient, dmd_loss, x0_from_velocity
-    from anystep.models.students import flow_map_velocity, teacher_velocity
+    from anystep.flow.matching import x0_from_velocity
+    from anystep.flow.stage2 import dmd_gradient, dmd_loss
+    from anystep.models.velocity import flow_map_velocity, teacher_velocity
     from anystep.rollout import flowmap_backward_simulation
     from anystep.train.stage1 import Stage1Config, flowmap_loss
     from anystep.flow.stage1 import sample_types

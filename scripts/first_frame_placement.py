@@ -20,7 +20,8 @@ import argparse
 import numpy as np
 
 from anystep.data.moving_digits import DIRECTIONS, WorldConfig, parse_prompt
-from anystep.eval.toybench import analyse_clip, real_clips_for, toybench_prompts
+from anystep.eval.clip_analysis import analyse_clip
+from anystep.eval.toybench import real_clips_for, toybench_prompts
 from anystep.sampling import generate, load_model
 
 STARTS = (9.5, 21.5)  # frame-0 centroid along the motion axis of the two possible starts

@@ -169,8 +169,8 @@ def test_teacher_init_that_does_not_fit_the_transformer_is_one_error_line(tmp_pa
     assert main(base + [f"init={folder}"]) == 2
     assert "num_layers 1 != 4" in _err(capsys)
     assert not out.exists()
-    # A checkpoint carries no config: its weights are refused when they do not fit.
-    assert main(base + [f"init={tmp_path / 't' / 'checkpoint.pt'}"]) == 2
+    # A teacher run's checkpoint: its weights are refused when they do not fit.
+    assert main(base + [f"init={tmp_path / 't'}"]) == 2
     assert "does not fit this run's transformer" in _err(capsys)
     assert not out.exists()
     # Told the folder's architecture, the same fine-tune runs.

@@ -84,7 +84,7 @@ def test_batched_posterior_means_match_the_pure_function_per_sample(flow):
 
 
 def test_empirical_flow_lands_on_a_clip_of_the_prompt_and_one_step_is_their_mean(flow, tiny_teacher):
-    from anystep.eval.toybench import clip_scores
+    from anystep.eval.clip_analysis import clip_scores
     from anystep.sampling import initial_noise, latents_to_video, load_model
 
     prompt = "a green seven moving up"

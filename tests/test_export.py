@@ -54,3 +54,28 @@ def test_raw_weights_and_bad_input(lora_run, tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("anystep: error:") and not (tmp_path / "x").exists()
+
+
+def test_stage2_export_builds_the_student_alone(lora_run, tmp_path, monkeypatch):
+    """Exporting a Stage-2 run opens the student's folder and nothing else: no teacher (the real
+    score), no critic, no trainer; the folder equals the one training wrote."""
+    from anystep.models import loaded
+    from anystep.train.stage2 import Stage2Config, Stage2Method, train_stage2
+
+    teacher, run = lora_run
+    s2 = tmp_path / "s2"
+    train_stage2(Stage2Config(student=str(run / "model"), teacher=str(teacher), out=str(s2), steps=1, batch_size=1,
+                              critic_lora_rank=4, critic_lora_alpha=4, step_budgets=(2,), ema_start=0))
+    opened = []
+    real_load = loaded.load_pipeline
+    monkeypatch.setattr(loaded, "load_pipeline", lambda folder, *a, **k: opened.append(str(folder)) or real_load(folder, *a, **k))
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("export built the Stage-2 trainer")
+
+    monkeypatch.setattr(Stage2Method, "__init__", no_trainer)
+    assert main(["export", "--run", str(s2), "--out", str(tmp_path / "exp")]) == 0
+    assert opened == [str(run / "model")]
+    monkeypatch.undo()
+    exp, final = load_model(tmp_path / "exp"), load_model(s2 / "model")
+    assert torch.equal(generate_latents(exp, PROMPTS, 2, seed=1), generate_latents(final, PROMPTS, 2, seed=1))

@@ -15,24 +15,17 @@ import copy
 import pytest
 import torch
 
-from anystep.models.far_train import (
+from anystep.models.far_attention import (
     DenseFARAttnProcessor,
-    dense_mask_from_block_mask,
     far_attention_for_device,
     far_attention_kind,
-    far_attention_mask,
-    far_flow_map_velocity,
-    far_layout,
     use_compiled_flex_far_attention,
     use_dense_far_attention,
     use_flex_far_attention,
 )
-from anystep.models.students import (
-    flow_map_velocity,
-    mask_far_inference_padding,
-    student_from_teacher,
-    teacher_velocity,
-)
+from anystep.models.far_train import dense_mask_from_block_mask, far_attention_mask, far_flow_map_velocity, far_layout
+from anystep.models.students import mask_far_inference_padding, student_from_teacher
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
 from anystep.models.toy import TOY_TRANSFORMER
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)

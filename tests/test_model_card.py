@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from anystep.eval.toybench import clip_scores
+from anystep.eval.clip_analysis import clip_scores
 from anystep.models.card import CARD_FILE, card_text
 from anystep.train.stage1 import Stage1Config, train_stage1
 

@@ -156,22 +156,20 @@ def test_rerun_reuses_finished_work_and_refuses_changed_settings(tiny_run, monke
     from dataclasses import replace
 
     import anystep.reproduce as rp
-    import anystep.eval.toybench as tb
+    import anystep.eval.toybench_run as tb
 
     out, teacher, budget, res, _ = tiny_run
     calls = []
-    real = rp._config_class
+    real = rp.method_info
 
     def no_training(kind):
-        cls, _ = real(kind)
-
         def train(cfg):
             calls.append(kind)
             raise AssertionError("a finished job was retrained")
 
-        return cls, train
+        return replace(real(kind), train=train)
 
-    monkeypatch.setattr(rp, "_config_class", no_training)
+    monkeypatch.setattr(rp, "method_info", no_training)
     monkeypatch.setattr(tb, "_generate_all", lambda *a, **k: calls.append("generate"))
     again = rp.reproduce(out, quick=True, teacher=teacher, budget=budget, measure_cost=False, progress=lambda m: None)
     assert calls == []  # no job retrained, no clip regenerated
@@ -301,7 +299,7 @@ def test_causal_students_are_held_against_the_teacher_on_their_own_clip_length()
 def test_swapped_sampler_agrees_at_one_step_and_not_beyond(tiny_run, tmp_path):
     """One flow-map jump from noise to data is the consistency sampler's first x0 prediction; from
     two steps on the consistency sampler re-noises, so the same weights give other clips."""
-    from anystep.eval.toybench import run_toybench
+    from anystep.eval.toybench_run import run_toybench
 
     out = tiny_run[0]
     folder = out / "bidirectional" / "anyflow" / "model"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from anystep.flow.stage1 import finite_difference_derivative, finite_difference_inputs, sample_types
-from anystep.models.students import flow_map_velocity, student_from_teacher
+from anystep.models.students import student_from_teacher
+from anystep.models.velocity import flow_map_velocity
 from anystep.train.stage1 import Stage1Config, Stage1Method, flowmap_loss, train_stage1
 
 
@@ -45,13 +46,13 @@ def test_rank_slices_reproduce_the_global_batch(teacher_dir, tmp_path):
     ranks = [Stage1Method(_cfg(teacher_dir, tmp_path, batch_size=1), rank=r, world_size=4) for r in range(4)]
     seen = []
     for m in ranks:  # pass 1: each rank's local boundary statistics (n_b at index 1)
-        m.reduce = lambda s: (seen.append(s.clone()), torch.ones_like(s))[1]
+        m.objective.reduce = lambda s: (seen.append(s.clone()), torch.ones_like(s))[1]
         m.loss(0, 0)
     total = torch.stack(seen).sum(0)
     assert [float(s[1]) for s in seen] == [1.0, 1.0, 0.0, 0.0] and float(total[1]) == 2.0
     losses = []
     for m in ranks:  # pass 2: the all-reduced statistics
-        m.reduce = lambda s: total
+        m.objective.reduce = lambda s: total
         loss, metrics = m.loss(0, 0)
         assert math.isfinite(loss.item())
         losses.append(loss.item())
@@ -137,13 +138,13 @@ def test_flow_matching_baseline_and_zero_init_run(teacher_dir, tmp_path):
 
 def test_zero_init_conditioning_starts_at_the_teacher(teacher_dir):
     """emb(t) + emb'(t - r) with emb' zero at the output equals the teacher for every r."""
-    from anystep.models.students import teacher_velocity
+    from anystep.models.velocity import teacher_velocity
     from anystep.sampling import load_model
-    from anystep.train.stage1 import _zero_init_delta
+    from anystep.train.student import zero_init_delta
 
     pipe = load_model(teacher_dir).pipe
     s = student_from_teacher(pipe.transformer).float().eval()
-    _zero_init_delta(s)
+    zero_init_delta(s)
     z, emb = torch.randn(1, 7, 48, 8, 8), torch.randn(1, 8, 64)
     with torch.no_grad():
         ref = teacher_velocity(pipe.transformer.float(), z, 0.6, emb)
@@ -213,9 +214,11 @@ def test_causal_stage1_step(teacher_dir, tmp_path, batch):
     assert math.isfinite(loss.item()) and "loss_bidirectional_aux" in metrics
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in method.student.parameters() if p.grad is not None)
-    from anystep.train.loop import step_generator
+    from anystep.train.stage1 import chunk_count
+    from anystep.train.updater import step_generator
 
-    counts = {method.chunk_count(step_generator(0, s)) for s in range(60)}
+    n = len(cfg.chunk_partition)
+    counts = {chunk_count(n, cfg.min_chunks, cfg.chunk_sample_prob, step_generator(0, s)) for s in range(60)}
     assert counts == {3, 4, 5}
 
 

@@ -12,16 +12,15 @@ import math
 import pytest
 import torch
 
+from anystep.flow.solvers import consistency_grid
 from anystep.flow.stage2 import flow_map_segments
 from anystep.rollout import (
     causal_flowmap_rollout,
     consistency_backward_simulation,
-    consistency_generate_latents,
-    consistency_grid,
     flowmap_backward_simulation,
     flowmap_rollout,
 )
-from anystep.train.stage2 import Stage2Config, Stage2Trainer, train_stage2
+from anystep.train.stage2 import Stage2Config, Stage2Method, train_stage2
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -203,10 +202,10 @@ def test_consistency_steps_before_the_exit_carry_no_gradient(stage1_dir, exit_in
 
 
 def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir, stage1_dir, tmp_path):
-    from anystep.models.students import teacher_velocity
+    from anystep.models.velocity import teacher_velocity
     from anystep.sampling import load_model
 
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path))
     ref = load_model(teacher_dir).transformer.float().eval()  # an untouched copy: no adapters
     z, cond = _inputs(2)
     null = torch.randn_like(cond)
@@ -231,14 +230,14 @@ def test_real_score_is_the_teacher_with_cfg_3_and_fake_is_the_critic(teacher_dir
 def test_causal_cotrained_stage1_has_no_aux_pass_by_default(teacher_dir, stage1_dir, causal_dir, tmp_path):
     """The reference's on-policy configs set bidirectional_modeling_prob: 0; an override keeps it."""
     kw = dict(causal=True, student=str(causal_dir))
-    assert Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
+    assert Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, **kw)).stage1.cfg.bidirectional_aux_prob == 0.0
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1={"bidirectional_aux_prob": 0.1}, **kw))
     assert tr.stage1.cfg.bidirectional_aux_prob == 0.1
 
 
 @pytest.mark.parametrize("rollout", ["flowmap", "consistency"])
 def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path, rollout):
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, rollout=rollout, lr=1e-3))
     s0, t0 = _snapshot(tr.student), _snapshot(tr.teacher)  # teacher == critic base + critic LoRA
     rec = tr.generator_step()
     assert math.isfinite(rec["loss_generator"]) and rec["loss_dmd"] > 0 and "loss_stage1" in rec
@@ -248,7 +247,7 @@ def test_generator_step_moves_only_the_student(teacher_dir, stage1_dir, tmp_path
 
 
 def test_generator_step_without_stage1_cotraining(teacher_dir, stage1_dir, tmp_path):
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, lr=1e-3))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, lr=1e-3))
     s0 = _snapshot(tr.student)
     rec = tr.generator_step()
     assert "loss_stage1" not in rec and rec["loss_generator"] == pytest.approx(rec["loss_dmd"])
@@ -258,7 +257,7 @@ def test_generator_step_without_stage1_cotraining(teacher_dir, stage1_dir, tmp_p
 @pytest.mark.parametrize("causal", [False, True])
 def test_critic_step_never_updates_the_student(teacher_dir, stage1_dir, causal_dir, tmp_path, causal):
     kw = dict(causal=True, student=str(causal_dir)) if causal else {}
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, critic_lr=1e-3, **kw))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, critic_lr=1e-3, **kw))
     s0, t0 = _snapshot(tr.student), _snapshot(tr.teacher)
     rec = tr.critic_step()
     assert math.isfinite(rec["loss_critic"])
@@ -271,9 +270,9 @@ def test_critic_step_never_updates_the_student(teacher_dir, stage1_dir, causal_d
 def test_random_choices_agree_across_ranks(teacher_dir, stage1_dir, tmp_path):
     recs = []
     for rank in (0, 1):
-        tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, batch_size=1), rank=rank, world_size=2)
-        _, m = tr.generator_loss(5, 0)
-        _, c = tr.critic_loss(5, 0)
+        tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, stage1_weight=0.0, batch_size=1), rank=rank, world_size=2)
+        _, m = tr.generator_update_loss(5, 0)
+        _, c = tr.critic_update_loss(5, 0)
         recs.append((m, c))
     (m0, c0), (m1, c1) = recs
     assert (m0["gen_steps"], m0["gen_grad_index"]) == (m1["gen_steps"], m1["gen_grad_index"])
@@ -312,7 +311,8 @@ def test_one_step_writes_a_loadable_folder(teacher_dir, stage1_dir, causal_dir, 
     m = load_model(folder)
     assert m.kind == ("anyflow_far" if causal else "anyflow")
     assert generate_latents(m, ["a red one moving up"], 2).shape == (1, F_LAT, C, H, W)
-    lat = consistency_generate_latents(m, ["a red one moving up"], 3)
+    m.sampler = "consistency"  # a flow-map student under the other sampler too
+    lat = generate_latents(m, ["a red one moving up"], 3)
     assert lat.shape == (1, F_LAT, C, H, W) and torch.isfinite(lat).all()
 
 
@@ -341,7 +341,7 @@ def test_teacher_ode_matches_the_teacher_sampler(teacher_dir):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_consistency_init_trains_and_writes_a_loadable_folder(teacher_dir, tmp_path, causal):
-    from anystep.sampling import load_model
+    from anystep.sampling import generate_latents, load_model
     from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
 
     kw = dict(causal=True, chunk_partition=CAUSAL_PART) if causal else {}
@@ -351,7 +351,8 @@ def test_consistency_init_trains_and_writes_a_loadable_folder(teacher_dir, tmp_p
     assert rec["step"] == 1 and math.isfinite(rec["loss"]) and rec["grad_norm"] > 0
     m = load_model(folder)
     assert m.kind == ("anyflow_far" if causal else "anyflow")
-    assert consistency_generate_latents(m, ["a red one moving up"], 4).shape == (1, F_LAT, C, H, W)
+    assert m.sampler == "consistency"
+    assert generate_latents(m, ["a red one moving up"], 4).shape == (1, F_LAT, C, H, W)
 
 
 def test_cli_stage2_dry_run(capsys):
@@ -384,26 +385,43 @@ def test_consistency_init_targets_the_flow_map_students_guided_field():
         assert torch.allclose(guidance_fused_velocity(ode_field, vu, fuse), vc)
 
 
+def test_the_real_score_is_one_seam(teacher_dir, stage1_dir, tmp_path):
+    """Stage 2 scores DMD's real side through ``real_velocity`` alone: another velocity field put
+    there (an exact empirical flow, say) is what the generator step sees."""
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path))
+    z, cond = _inputs(2)
+    sigma = torch.tensor([0.9, 0.4])
+    seen = []
+
+    def zero_field(z_, sigma_, cond_, null_, prompts_=None):
+        seen.append(tuple(z_.shape))
+        return torch.zeros_like(z_)
+
+    tr.real_velocity = zero_field
+    assert torch.equal(tr.real_x0(z, sigma, cond, torch.randn_like(cond)), z)  # x0 = z - sigma * 0
+    tr.generator_step()
+    assert seen[-1] == (2, F_LAT, C, H, W)
+
+
 def test_empirical_real_score_is_the_exact_flow_with_cfg_4(teacher_dir, stage1_dir, tmp_path):
     """real_score: empirical distils from the toy world's exact flow, v_c + 3 (v_c - v_u) (CFG 4 in
     the usual form), whatever the teacher network says; the critic is still the teacher + LoRA."""
     from anystep.config import ConfigError
     from anystep.flow.empirical import EmpiricalFlow
 
-    tr = Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", real_score_clips=4))
+    tr = Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", real_score_clips=4))
     flow = EmpiricalFlow.from_folder(teacher_dir, clips_per_prompt=4)
     prompts = ["a red one moving up", "a blue seven moving left"]
     ids = flow.prompt_ids(prompts)
     z, cond = _inputs(5)
     sigma = torch.tensor([0.8, 0.3])
     got = tr.real_x0(z, sigma, cond, torch.randn_like(cond), prompts)
-    assert torch.equal(got, flow.x0(z, sigma, ids, guidance=4.0))
     mean_c, mean_u = flow.posterior_means(z, sigma, ids)
-    assert (got - (mean_c + 3.0 * (mean_c - mean_u))).abs().max() < 1e-4
+    assert (got - (mean_c + 3.0 * (mean_c - mean_u))).abs().max() < 1e-3
     rec = tr.generator_step()
     assert math.isfinite(rec["loss_dmd"]) and rec["loss_dmd"] > 0
     with pytest.raises(ConfigError, match="moving_digits"):
-        Stage2Trainer(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", data=str(tmp_path)))
+        Stage2Method(_cfg(teacher_dir, stage1_dir, tmp_path, real_score="empirical", data=str(tmp_path)))
 
 
 def test_consistency_init_from_the_empirical_flow_regresses_its_ode_end_points(teacher_dir, tmp_path):
@@ -412,12 +430,17 @@ def test_consistency_init_from_the_empirical_flow_regresses_its_ode_end_points(t
     cfg = ConsistencyInitConfig(teacher=str(teacher_dir), out=str(tmp_path / "ci"), steps=1, batch_size=2, ode_steps=8,
                                 real_score="empirical", real_score_clips=4)
     m = ConsistencyInitMethod(cfg)
-    x, prompts = m.data.batch(0, 2)
+    x, prompts = m.batch(0, 0)
     ids = m.empirical.prompt_ids(prompts)
     noise, _ = _inputs(6)
-    states, x0 = ode_states(lambda z, t: m.empirical.velocity(z, t, ids, 3.0), noise, m.grid, 8)
+    states, x0 = ode_states(m.empirical.halves_velocity(ids), noise, m.grid, 8, guidance=3.0)
     assert torch.equal(states[0], noise.float())
     own = m.empirical.bank.view(len(m.empirical.prompts), 4, -1)[ids]  # (B, K, D)
     assert ((own - x0.flatten(1)[:, None]).abs().amax(2).amin(1) < 0.05).all()  # each lands on a clip of its prompt
+    # The halves velocity with CFG in euler is the flow's own guided velocity.
+    v_both = m.empirical.halves_velocity(ids)(torch.cat([noise, noise]), 0.5)
+    guided = v_both[2:] + 3.0 * (v_both[:2] - v_both[2:])
+    assert (guided - m.empirical.velocity(noise, 0.5, ids, 3.0)).abs().max() < 1e-3
     loss, _ = m.loss(0, 0)
     assert math.isfinite(loss.item())
+

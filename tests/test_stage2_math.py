@@ -11,8 +11,8 @@ from anystep.flow.stage2 import (
     dmd_loss,
     flow_map_segments,
     sample_budget_and_index,
-    x0_from_velocity,
 )
+from anystep.flow.matching import x0_from_velocity
 
 
 def test_segments_cover_the_trajectory_and_skip_equal_ends():

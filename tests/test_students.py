@@ -18,11 +18,10 @@ from anystep.models.students import (
     anyflow_config_from_wan,
     check_chunk_partition,
     far_patch_init,
-    flow_map_velocity,
     student_folder_from_teacher,
     student_from_teacher,
-    teacher_velocity,
 )
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
 from anystep.models.toy import TOY_TRANSFORMER
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)

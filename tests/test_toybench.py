@@ -238,7 +238,7 @@ def test_imaging_subscores_separate_corrupted_real_clips(corrupted):
 def test_real_frames_lie_on_the_world_block_grid():
     """Real frames have no energy below the world's pixel scale at any position; a one-pixel blur
     of the sprite (not a whole-pixel move) does."""
-    from anystep.eval.toybench import subgrid_share
+    from anystep.eval.clip_analysis import subgrid_share
 
     ds = MovingDigits("heldout", WORLD, seed=5)
     b = np.stack([(ds[i].video[f].max(0) + 1) / 2 for i in range(12) for f in (0, 3, 6)])
@@ -273,7 +273,8 @@ def test_frechet_to_the_teacher_reference(tiny_teacher, tmp_path):
     stamp = cache.stat().st_mtime_ns
     again = run_toybench(tiny_teacher, steps=[1], out_dir=tmp_path / "bench2", n_prompts=6, batch_size=6)
     assert "frechet_teacher" not in again["results"]["1"]
-    from anystep.eval.toybench import teacher_reference_features, toybench_prompts
+    from anystep.eval.toybench import toybench_prompts
+    from anystep.eval.toybench_run import teacher_reference_features
 
     teacher_reference_features(tiny_teacher, toybench_prompts(6, WORLD), 7, WORLD, 2, cache=cache)
     assert cache.stat().st_mtime_ns == stamp

@@ -202,6 +202,40 @@ def swap_folder_in(tmp, dest) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
+    """Write through ``write(file_object)``; the file appears only complete (:func:`atomic_file`:
+    written beside, fsynced, renamed), so a reader or a crash never sees half of it."""
+
+    def through_file(tmp):
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+
+    return atomic_file(path, through_file)
+
+
+def atomic_save_folder(write_fn, dest: str | os.PathLike, kind: str | None = None) -> None:
+    """Build a folder with ``write_fn(tmpdir)`` next to ``dest`` and swap it in by rename.
+
+    A crash leaves either the old folder or the new one, never a mix. ``kind`` marks the folder
+    as ours (:func:`write_marker`); an existing ``dest`` is replaced only when it is empty, ours,
+    or a model folder (``model_index.json``) -- never a file or a foreign folder.
+    """
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} exists and is not a folder; it is left as it is: choose another destination")
+    if dest.is_dir() and any(dest.iterdir()) and read_marker(dest) is None and not (dest / "model_index.json").is_file():
+        raise UserError(f"{dest} is a non-empty folder not written by anystep; it is left as it is: choose another destination")
+    tmp = temp_folder_beside(dest)
+    try:
+        write_fn(tmp)
+        if kind is not None:
+            write_marker(tmp, kind)
+        swap_folder_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

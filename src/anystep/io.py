@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from anystep.errors import UserError
+from anystep.fsutil import atomic_files
 
 
 def to_uint8(video) -> np.ndarray:
@@ -92,8 +93,6 @@ def png_item(image: np.ndarray, path):
 def write_mp4(video, path, fps: int = 4, scale: int = 4) -> Path:
     """Write an mp4 beside ``path``, check it, then rename it into place: on any failure the
     previous ``path`` is untouched."""
-    from anystep.fsutil import atomic_files
-
     return atomic_files([mp4_item(video, path, fps, scale)])[0]
 
 
@@ -109,6 +108,4 @@ def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
 
 
 def write_png(image: np.ndarray, path) -> Path:
-    from anystep.fsutil import atomic_files
-
     return atomic_files([png_item(image, path)])[0]

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from anystep.fsutil import atomic_write
 
 SCORES = ("Quality", "Semantic", "Total")
 PER_CLIP_KEY = {"Quality": "quality", "Semantic": "semantic", "Total": "total"}
@@ -350,8 +351,6 @@ def plot_scaling(results: dict, path) -> None:
 
 def write_report(results: dict, out_dir, n_boot: int = 2000) -> None:
     """report.md, cost.md (when costs were measured) and scaling.png from a results dict."""
-    from anystep.train.common import atomic_write
-
     out_dir = Path(out_dir)
     atomic_write(out_dir / "report.md", lambda f: f.write(report_markdown(results, n_boot).encode()))
     if results.get("cost"):

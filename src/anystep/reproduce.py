@@ -42,6 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
+from anystep.config import build_config_from_dict, load_yaml
+from anystep.eval.cost import measure_costs
+from anystep.eval.empirical_teacher import EmpiricalFlowModel
+from anystep.eval.toybench_run import run_toybench
+from anystep.io import frame_grid, to_uint8, write_mp4
+from anystep.report import TEACHER_REFERENCE_STEPS, write_report
+from anystep.fsutil import atomic_write
+from anystep.train.registry import method_info
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_TEACHER = ROOT / "models" / "toy-teacher"
 TOY_CONFIGS = ROOT / "configs" / "toy"
@@ -104,8 +113,6 @@ class Job:
 
 
 def _toy(name: str) -> dict:
-    from anystep.config import load_yaml
-
     return load_yaml(TOY_CONFIGS / f"{name}.yaml")
 
 
@@ -172,18 +179,6 @@ def plan(out: Path, budget: Budget, teacher: Path) -> tuple[list[Job], dict]:
     return jobs, rows
 
 
-def _config_class(kind: str):
-    from anystep.train.baselines import ConsistencyInitConfig, train_consistency_init
-    from anystep.train.stage1 import Stage1Config, train_stage1
-    from anystep.train.stage2 import Stage2Config, train_stage2
-
-    return {
-        "stage1": (Stage1Config, train_stage1),
-        "stage2": (Stage2Config, train_stage2),
-        "consistency_init": (ConsistencyInitConfig, train_consistency_init),
-    }[kind]
-
-
 class SettingsChanged(UserError, ValueError):
     """A finished or partial job in ``--out`` was made with different settings."""
 
@@ -192,7 +187,9 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
     """Names of the settings in which a job record ``have`` differs from ``want``.
 
     A field absent from ``have`` was added to ``cls`` after that run was made; the run behaved as
-    that field's default, so it only counts as a difference when ``want`` asks for another value."""
+    that field's default, so it only counts as a difference when ``want`` asks for another value.
+    A key of ``have`` that ``cls`` no longer has is a difference too, unless it was recorded empty
+    (None, {}, [], ""): an unused, since-retired field such as ``Stage1Config.extra``."""
     if have.get("kind") != want.get("kind"):
         return ["kind"]
     defaults = {}
@@ -205,7 +202,8 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
     old, new = have["config"], want["config"]
     missing = object()
     diff = []
-    for k in sorted(set(old) | set(new)):
+    retired_empty = {k for k, v in old.items() if k not in defaults and v in (None, {}, [], "")}
+    for k in sorted((set(old) - retired_empty) | set(new)):
         before = old[k] if k in old else defaults.get(k, missing)
         if before != new.get(k, missing):
             diff.append(k)
@@ -228,11 +226,9 @@ def folder_digest(folder) -> str:
 
 def run_job(job: Job) -> Path:
     """Train one job unless its model exists; a partial run resumes from its checkpoint."""
-    from anystep.config import build_config_from_dict
-    from anystep.train.common import atomic_write
-
     d = Path(job.dir)
-    cls, train = _config_class(job.kind)
+    info = method_info(job.kind)
+    cls = info.config
     cfg = build_config_from_dict(cls, job.config)
     record = d / "reproduce_job.json"
     want = json.loads(json.dumps({"kind": job.kind, "config": asdict(cfg)}))
@@ -252,16 +248,12 @@ def run_job(job: Job) -> Path:
         return d / "model"
     d.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda f: f.write(json.dumps(want, indent=1).encode()))
-    return train(cfg)
+    return info.train(cfg)
 
 
 def _eval(folder: str, steps, out_dir: Path, n_prompts: int, num_frames: int | None = None,
           context_frames: int = 0, sampler: str | None = None, clips_per_prompt: int = 64) -> dict:
-    from anystep.eval.toybench import run_toybench
-
     if folder.startswith(EMPIRICAL):
-        from anystep.flow.empirical import EmpiricalFlowModel
-
         folder = EmpiricalFlowModel(folder[len(EMPIRICAL):], clips_per_prompt)
     return run_toybench(folder, steps=steps, out_dir=out_dir, n_prompts=n_prompts, reuse=True, n_show=4,
                         num_frames=num_frames, context_frames=context_frames, sampler=sampler)
@@ -302,8 +294,6 @@ def _steps_at_nfe(steps, guided: bool, nfes=(4, 32)) -> tuple[int, ...]:
 def _samples_figure(results: dict, out: Path) -> None:
     """samples.png: per architecture, every method at 1/4/16/32 steps on the same two prompts;
     plus ``samples_<arch>_<method>.mp4`` (rows: step counts, columns: four prompts)."""
-    from anystep.io import to_uint8, write_mp4
-
     panels = []
     for arch, a in results["architectures"].items():
         for method, m in a["methods"].items():
@@ -336,7 +326,6 @@ def _panel_figure(panels, path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from anystep.io import frame_grid
 
     by_arch: dict = {}
     for title, clips in panels:
@@ -374,9 +363,6 @@ def _panel_figure(panels, path) -> None:
 def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = None, measure_cost: bool = True,
               command: str = "", progress=print) -> dict:
     """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
-    from anystep.report import write_report
-    from anystep.train.common import atomic_write
-
     t_start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,8 +412,6 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
         results["architectures"][arch] = {"methods": methods, "sampler_cross": cross}
         if arch == "causal":
             # The causal students make CAUSAL_FRAMES-frame clips; their ceiling is the teacher at that length.
-            from anystep.report import TEACHER_REFERENCE_STEPS
-
             say(f"ToyBench: the teacher on {CAUSAL_FRAMES}-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")
             res = _eval(str(teacher), (TEACHER_REFERENCE_STEPS,), out / "eval" / arch / "teacher_13f", budget.n_prompts,
                         num_frames=CAUSAL_FRAMES)
@@ -451,7 +435,6 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             results["cost"] = json.loads(cost_path.read_text())
         else:
             say("measuring per-iteration training cost (Table 5 analogue)")
-            from anystep.eval.cost import measure_costs
 
             results["cost"] = measure_costs(str(teacher), batch=4, repeats=budget.cost_repeats, archs=budget.archs,
                                             progress=say)

@@ -1,86 +1,43 @@
-"""Any-step generation from a model folder, through diffusers' own pipelines.
+"""Any-step generation from a model folder: one path for every kind of model and sampler.
 
-* a teacher (``WanPipeline`` folder): Euler on the shifted grid with classifier-free guidance
-  (2 network calls a step);
-* an AnyFlow student (``AnyFlowPipeline`` folder): flow-map Euler ``z_r = z_t - (t - r) u(z_t, t, r)``
-  on the shifted grid, no guidance (1 call a step);
-* an AnyFlow-FAR student (``AnyFlowFARPipeline``): the same, chunk by chunk over the KV cache.
+The folder says how it is sampled (:mod:`anystep.models.loaded`); :func:`generate_latents` binds
+the network and the prompts into a velocity function and runs the folder's sampler
+(:mod:`anystep.flow.solvers`) on the shifted grid ``shift(linspace(1, 0, N + 1))``:
+
+* a teacher, or a student trained by plain flow matching: Euler with classifier-free guidance at
+  r = t (2 network calls a step; default scale 4);
+* an AnyFlow student: flow-map Euler ``z_r = z_t - (t - r) u(z_t, t, r)``, no guidance (1 call a step);
+* a consistency student: predict x0 and re-noise, at any step count.
+
+A bidirectional model denoises the whole clip at once; an AnyFlow-FAR model generates chunk by
+chunk over its KV cache (:class:`anystep.models.causal_state.CausalRolloutState`), each chunk with
+the same sampler, optionally continuing given first chunks (image- / video-to-video) and reporting
+every finished chunk. Sampling teacher and students on one grid keeps "teacher at 4 x 2 NFE vs
+AnyFlow at 4 NFE" a like-for-like comparison.
 
 Initial noise is drawn per clip from ``seed`` (clip i of a batch uses ``seed + i``), so a clip
-does not depend on what else is in its batch.
+does not depend on what else is in its batch; the consistency sampler's re-noising comes from one
+generator seeded with ``seed``, drawn chunk after chunk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from diffusers.utils import logging as dlogging
 
-from anystep.models.folders import load_pipeline, read_sampler
+from anystep.flow.solvers import consistency_grid, consistency_sample, euler, flow_map_euler, shifted_grid
+from anystep.models.causal_state import CausalRolloutState
+from anystep.models.loaded import LoadedModel, load_model
+from anystep.models.students import check_chunk_partition
+from anystep.models.text import encode_prompts
+from anystep.models.velocity import bidirectional_velocity, teacher_velocity
+
+__all__ = ["DEFAULT_TEACHER_GUIDANCE", "LoadedModel", "generate", "generate_latents", "initial_noise",
+           "latents_to_video", "load_model", "nfe"]
 
 DEFAULT_TEACHER_GUIDANCE = 4.0
-
-
-@dataclass
-class LoadedModel:
-    pipe: object
-    kind: str  # "teacher" | "anyflow" | "anyflow_far"
-    folder: str
-    sampler: str = "flowmap"  # students: "flowmap" (flow-map Euler) | "consistency" (x0 + re-noise)
-
-    @property
-    def transformer(self):
-        return self.pipe.transformer
-
-    @property
-    def codec(self):
-        return self.pipe.vae
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(min(getattr(self.pipe.tokenizer, "model_max_length", 512) or 512, 512))
-
-    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(F_latent, C, h, w) of one clip, the AnyFlow layout."""
-        vae = self.pipe.vae
-        ft = int(vae.config.scale_factor_temporal)
-        fs = int(vae.config.scale_factor_spatial)
-        if height % fs or width % fs:
-            raise ValueError(f"frame size {height}x{width} is not divisible by the codec's spatial factor {fs}")
-        cfg = self.transformer.config
-        p = cfg.patch_size
-        if (height // fs) % p[1] or (width // fs) % p[2]:
-            raise ValueError(
-                f"latent size {height // fs}x{width // fs} is not divisible by the transformer patch {tuple(p[1:])}"
-            )
-        f_lat = (num_frames - 1) // ft + 1
-        return f_lat, int(cfg.in_channels), height // fs, width // fs
-
-
-def load_model(folder) -> LoadedModel:
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
-
-    # Loading bars and the "vae is not an AutoencoderKLWan" notice (the toy codec is a deliberate
-    # stand-in) are noise on a command line.
-    old_d, old_t = dlogging.get_verbosity(), tlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    tlogging.set_verbosity_error()
-    dlogging.disable_progress_bar()
-    tlogging.disable_progress_bar()
-    try:
-        pipe = load_pipeline(folder)
-    finally:
-        dlogging.set_verbosity(old_d)
-        tlogging.set_verbosity(old_t)
-        dlogging.enable_progress_bar()
-        tlogging.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=True)
-    kind = {"WanPipeline": "teacher", "AnyFlowPipeline": "anyflow", "AnyFlowFARPipeline": "anyflow_far"}[
-        type(pipe).__name__
-    ]
-    sampler = read_sampler(folder) if kind != "teacher" else "euler_cfg"
-    return LoadedModel(pipe=pipe, kind=kind, folder=str(folder), sampler=sampler)
 
 
 def initial_noise(shape_one: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
@@ -88,22 +45,38 @@ def initial_noise(shape_one: tuple[int, ...], n: int, seed: int) -> torch.Tensor
     return torch.stack([torch.randn(shape_one, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
 
 
-def generate_latents(*args, **kwargs) -> torch.Tensor:
-    """Normalised latents (B, F, C, h, w) for ``prompts`` at ``steps`` sampling steps."""
-    from diffusers.utils import logging as dlogging
+def guidance_of(model: LoadedModel, guidance_scale: float | None) -> float | None:
+    """The CFG scale the model is sampled with (usual form, :mod:`anystep.flow.guidance`), None for
+    none. Teachers and flow-matching students default to 4 and take 1 as "no null half";
+    flow-map and consistency students are guidance-fused and refuse a scale."""
+    if model.kind == "teacher" or model.sampler == "euler_cfg":
+        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        return g if g > 1.0 else None
+    if guidance_scale not in (None, 1.0):
+        raise ValueError(f"{model.folder} is a guidance-fused {model.sampler} student: a guidance scale applies to "
+                         "teachers and flow-matching students only")
+    return None
 
-    # The stock pipelines warn that a temporal factor of 1 "rounds" num_frames; we pass latents
-    # directly, so the frame count is exactly the one asked for.
-    old = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        return _generate_latents(*args, **kwargs)
-    finally:
-        dlogging.set_verbosity(old)
+
+def nfe(model: LoadedModel, steps: int, guidance_scale: float | None = None) -> int:
+    """Network evaluations per clip: guided models pay two a step."""
+    return steps * (2 if guidance_of(model, guidance_scale) is not None else 1)
+
+
+def _solver(model: LoadedModel, steps: int, seed: int, guidance: float | None):
+    """``(velocity, z_noise) -> z_clean`` with the folder's sampler."""
+    if model.sampler == "consistency":
+        grid = consistency_grid(steps, model.shift)
+        gen = torch.Generator().manual_seed(int(seed))
+        return lambda velocity, z: consistency_sample(velocity, z, grid, gen)
+    grid = shifted_grid(steps, model.shift)
+    if model.kind == "teacher" or model.sampler == "euler_cfg":
+        return lambda velocity, z: euler(velocity, z, grid, guidance)
+    return lambda velocity, z: flow_map_euler(velocity, z, grid)
 
 
 @torch.no_grad()
-def _generate_latents(
+def generate_latents(
     model: LoadedModel,
     prompts: list[str],
     steps: int,
@@ -113,100 +86,68 @@ def _generate_latents(
     width: int = 32,
     guidance_scale: float | None = None,
     noise: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    on_chunk: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
+    """Normalised latents (B, F, C, h, w) for ``prompts`` at ``steps`` sampling steps.
+
+    FAR models only: ``context`` (1 or B, f, C, h, w) fixes the first whole chunks
+    (:func:`anystep.conditioning.context_latents`); ``on_chunk(k, latents_so_far)`` is called after
+    every chunk.
+    """
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    causal = model.kind == "anyflow_far"
+    if (context is not None or on_chunk is not None) and not causal:
+        raise ValueError(f"chunk-by-chunk generation needs an AnyFlow-FAR folder, got a {model.kind!r} folder")
+    guidance = guidance_of(model, guidance_scale)
     shape = model.latent_shape(num_frames, height, width)
     if noise is None:
         noise = initial_noise(shape, len(prompts), seed)
-    common = dict(
-        prompt=list(prompts),
-        num_inference_steps=steps,
-        output_type="latent",
-        max_sequence_length=model.max_sequence_length,
-        return_dict=False,
-    )
-    if model.kind == "teacher":
-        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
-        return _teacher_euler_cfg(model, prompts, steps, noise, g)
-    g = 1.0 if guidance_scale is None else guidance_scale
-    if model.sampler == "euler_cfg":
-        return _student_euler_cfg(model, prompts, steps, noise, DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale)
-    if model.sampler == "consistency":
-        from anystep.rollout.consistency import consistency_generate_latents
-
-        return consistency_generate_latents(model, prompts, steps, seed, num_frames, height, width, noise=noise)
-    if model.kind == "anyflow":
-        out = model.pipe(latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, **common)[0]
-        return out.permute(0, 2, 1, 3, 4)
-    if model.kind == "anyflow_far":
-        # Chunk by chunk over the KV cache, `steps` flow-map steps per chunk. On CPU this runs
-        # FlexAttention unfused (forward only; fine under no_grad). The partition is the one the
-        # student was built with and must cover exactly the clip's latent frames. The stock
-        # KV-cache step attends to its zero alignment padding; masking it makes sampling use the
-        # attention the student is trained with (see anystep.models.students).
-        import warnings
-
-        from anystep.models.students import check_chunk_partition, mask_far_inference_padding
-
-        mask_far_inference_padding(model.transformer)
-        partition = list(model.transformer.config.chunk_partition)
-        try:
-            check_chunk_partition(partition, num_frames, int(model.codec.config.scale_factor_temporal))
-        except ValueError as e:
-            raise ValueError(f"{model.folder}: {e}") from None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            # use_kv_cache stated, not defaulted: diffusers 0.42.1's use_kv_cache=False path unpacks two
-            # values from a training forward that returns one and fails.
-            out = model.pipe(
-                latents=noise.permute(0, 2, 1, 3, 4), guidance_scale=g, chunk_partition=partition, use_kv_cache=True,
-                **common,
-            )[0]
-        return out.permute(0, 2, 1, 3, 4)
-    raise ValueError(f"unknown model kind {model.kind!r}")
+    noise = noise.float()
+    pipe, n = model.pipe, model.max_sequence_length
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, list(prompts), n)
+    if guidance is not None:
+        # The conditional and the null half run as one batch (and, causal, share every committed chunk).
+        embeds = torch.cat([embeds, encode_prompts(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), n)])
+    solve = _solver(model, steps, seed, guidance)
+    if not causal:
+        net = model.transformer
+        if model.kind == "teacher":
+            return solve(lambda z, t, _r: teacher_velocity(net, z, t, embeds), noise)
+        return solve(bidirectional_velocity(net, embeds), noise)
+    # The stock pipelines warn that a temporal factor of 1 "rounds" num_frames; the frame count here
+    # is exactly the one asked for.
+    old = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        return _chunk_by_chunk(model, solve, noise, embeds, guidance is not None, num_frames, context, on_chunk)
+    finally:
+        dlogging.set_verbosity(old)
 
 
-def _student_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Tensor, guidance: float) -> torch.Tensor:
-    from anystep.models.text import encode_prompts
-    from anystep.rollout.euler import euler_cfg_sample
-
-    pipe = model.pipe
-    cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, list(prompts), model.max_sequence_length)
-    null = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), model.max_sequence_length)
-    shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
-    return euler_cfg_sample(model.transformer, noise, cond, null, steps, guidance, shift)
-
-
-def _teacher_euler_cfg(model: LoadedModel, prompts, steps: int, noise: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Euler with classifier-free guidance on the same shifted grid the flow-map students use.
-
-    ``WanPipeline``'s default scheduler puts its N timesteps on ``linspace(1, 1/1000, N)`` and adds a
-    final jump to 0; sampling teacher and students on one grid, ``shift(linspace(1, 0, N + 1))``,
-    keeps "teacher at 4 x 2 NFE vs AnyFlow at 4 NFE" a like-for-like comparison. Text goes through
-    the pipeline's own ``encode_prompt``.
-    """
-    from anystep.flow.schedule import sampling_grid
-    from anystep.models.students import teacher_velocity
-    from anystep.rollout.euler import euler_sample
-
-    pipe = model.pipe
-    shift = float(getattr(pipe.scheduler.config, "shift", 5.0))
-    guided = guidance > 1.0
-    cond, null = pipe.encode_prompt(
-        prompt=list(prompts),
-        negative_prompt=[""] * len(prompts),
-        do_classifier_free_guidance=guided,
-        max_sequence_length=model.max_sequence_length,
-        device=noise.device,
-    )
-    embeds = torch.cat([cond, null]) if guided else cond
-    grid = [float(v) for v in sampling_grid(steps, shift)]
-
-    def velocity(z, t, _r):
-        return teacher_velocity(pipe.transformer, z, t, embeds)
-
-    return euler_sample(velocity, noise.float(), grid, guidance if guided else None)
+def _chunk_by_chunk(model: LoadedModel, solve, noise, embeds, guided: bool, num_frames: int, context, on_chunk):
+    """A FAR model's clip, one chunk at a time: a finished chunk is final and goes into the cache."""
+    part = tuple(int(c) for c in model.transformer.config.chunk_partition)
+    try:
+        check_chunk_partition(part, num_frames, int(model.codec.config.scale_factor_temporal))
+    except ValueError as e:
+        raise ValueError(f"{model.folder}: {e}") from None
+    state = CausalRolloutState(model.transformer, embeds, part, (embeds.shape[0], *noise.shape[1:]))
+    n_ctx = 0
+    if context is not None:
+        context = context.expand(noise.shape[0], *context.shape[1:]).float()
+        while n_ctx < len(part) and sum(part[: n_ctx + 1]) <= context.shape[1]:
+            n_ctx += 1
+    chunks = []
+    for k in range(len(part)):
+        sl = state.chunk_slice(k)
+        z = context[:, sl] if k < n_ctx else solve(state.velocity, noise[:, sl])
+        chunks.append(z)
+        state.commit(torch.cat([z, z]) if guided else z)
+        if on_chunk is not None:
+            on_chunk(k, torch.cat(chunks, dim=1))
+    return torch.cat(chunks, dim=1)
 
 
 def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
@@ -221,11 +162,3 @@ def latents_to_video(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
 
 def generate(model: LoadedModel, prompts: list[str], steps: int, seed: int = 0, **kw) -> torch.Tensor:
     return latents_to_video(model, generate_latents(model, prompts, steps, seed=seed, **kw))
-
-
-def nfe(model: LoadedModel, steps: int, guidance_scale: float | None = None) -> int:
-    """Network evaluations per clip: teachers (and flow-matching students) with guidance pay two a step."""
-    if model.kind == "teacher" or model.sampler == "euler_cfg":
-        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else guidance_scale
-        return steps * (2 if g > 1.0 else 1)
-    return steps

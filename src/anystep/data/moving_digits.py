@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+from anystep.config import ConfigError
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -118,8 +119,6 @@ class WorldConfig:
         return 8 * self.digit_scale
 
     def validate(self) -> None:
-        from anystep.config import ConfigError  # a ValueError: callers that catch that still do
-
         if self.num_frames < 2:
             raise ConfigError(f"num_frames must be >= 2 for the moving-digits world, got {self.num_frames}")
         if self.digit_size + self.travel > self.canvas:

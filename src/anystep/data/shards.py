@@ -27,6 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from anystep.conditioning import read_frames
+from anystep.data.toy_batches import ToyBatches
+from anystep.fsutil import atomic_write, has_entries
+from anystep.models.latents import encode_pixels
+from anystep.models.text import encode_prompts
+from anystep.sampling import generate_latents
 
 MANIFEST = "manifest.json"
 
@@ -43,7 +49,6 @@ def check_shard_out(out: Path) -> None:
     """A shard folder is written only where it is new, empty, or already a shard folder (resumed)."""
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a folder; choose another --out")
-    from anystep.fsutil import has_entries
 
     if out.is_dir() and has_entries(out) and not (out / MANIFEST).is_file():
         raise ShardError(f"--out {out} is a non-empty folder that is not a shard folder (no {MANIFEST}); it is left as "
@@ -62,9 +67,6 @@ def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance:
     """Generate the shards of this rank; returns the paths it wrote or found. ``teacher`` is a
     loaded teacher (:func:`anystep.sampling.load_model`)."""
 
-    from anystep.models.text import encode_prompts
-    from anystep.sampling import generate_latents
-    from anystep.train.common import atomic_write
 
     if teacher.kind != "teacher":
         raise ShardError(f"{teacher.folder}: synthetic data comes from a Wan teacher folder, got a {teacher.kind!r} folder")
@@ -113,8 +115,6 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
     ``name.txt``, encoded with the model folder's codec (posterior mean) and text encoder. Clips are
     taken in sorted name order; all must share one size and length. Resumable like the synthetic
     shards (an existing shard is kept)."""
-    from anystep.causal_generation import read_frames
-
     clips_dir, out = Path(clips_dir), Path(out)
     check_shard_out(out)
     if not clips_dir.is_dir():
@@ -153,11 +153,6 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
 
 
 def _encode_shards(model, out, manifest, videos, captions, first, shard_size, progress) -> list[Path]:
-    from anystep.causal_generation import read_frames
-    from anystep.models.latents import encode_pixels
-    from anystep.models.text import encode_prompts
-    from anystep.train.common import atomic_write
-
     mpath = out / MANIFEST
     if mpath.exists() and json.loads(mpath.read_text()) != manifest:
         raise ShardError(f"{out} holds shards made from different clips or settings; use a fresh --out")
@@ -253,7 +248,6 @@ class LatentShards:
             if p not in self._emb:
                 if self.pipe is None:
                     raise ShardError(f"prompt {p!r} is not in the shards and no text encoder was given")
-                from anystep.models.text import encode_prompts
 
                 L = next(iter(self._emb.values())).shape[0]
                 self._emb[p] = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [p], L)[0]
@@ -266,7 +260,5 @@ class LatentShards:
 def training_batches(pipe, data: str, num_frames: int, seed: int):
     """The batch source a training config names: ``moving_digits`` or a shard folder."""
     if data == "moving_digits":
-        from anystep.data.toy_batches import ToyBatches
-
         return ToyBatches(pipe, num_frames=num_frames, seed=seed)
     return LatentShards(data, pipe=pipe, seed=seed)

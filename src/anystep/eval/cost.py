@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from anystep.models.students import student_folder_from_teacher
+from anystep.train.stage1 import Stage1Config, Stage1Method
+from anystep.train.stage2 import Stage2Config, Stage2Method
 
 STAGE2_VARIANTS = {
     "flowmap_s4": dict(rollout="flowmap", step_budgets=(4,)),
@@ -31,8 +34,6 @@ CAUSAL_PARTITION = (1, 3, 3, 3, 3)
 
 class _Stage1Step:
     def __init__(self, teacher: str, student: Path, method: str, causal: bool, batch: int, out: Path):
-        from anystep.train.stage1 import Stage1Config, Stage1Method
-
         cfg = Stage1Config(teacher=teacher, init=str(student), method=method, batch_size=batch, out=str(out),
                            causal=causal, num_frames=13 if causal else 7,
                            chunk_partition=CAUSAL_PARTITION, warmup=1)
@@ -49,19 +50,15 @@ class _Stage1Step:
 
 
 def _stage2_step(teacher: str, student: Path, variant: str, causal: bool, batch: int, out: Path):
-    from anystep.train.stage2 import Stage2Config, Stage2Trainer
-
     cfg = Stage2Config(student=str(student), teacher=teacher, out=str(out), batch_size=batch, causal=causal,
                        num_frames=13 if causal else 7, critic_lora_rank=32, critic_lora_alpha=32,
                        **STAGE2_VARIANTS[variant])
-    return Stage2Trainer(cfg).train_step
+    return Stage2Method(cfg).train_step
 
 
 def measure_costs(teacher: str, batch: int = 4, repeats: int = 3, archs=("bidirectional", "causal"),
                   progress=print) -> dict:
     """``{"sec_per_iter": {arch: {component: s}}, "ratios": {arch: {...}}, batch, repeats, threads}``."""
-    from anystep.models.students import student_folder_from_teacher
-
     result: dict = {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads(), "sec_per_iter": {}, "ratios": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,6 +25,10 @@ import numpy as np
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, parse_prompt
 from anystep.eval.classifier import brightness, locate
+from anystep.eval.clip_analysis import QUALITY_KEYS, SEMANTIC_KEYS
+from anystep.eval.toybench import REFERENCE_SEED, TOYBENCH_VERSION, real_clips_for, score_videos, toybench_prompts
+from anystep.eval.toybench_run import _generate_all
+from anystep.models.loaded import load_model
 
 BLUR_SIGMA_PX = 1.0
 TEACHER_GRAIN_SIGMA = 0.19  # pixel units of the [-1, 1] range; see the module docstring
@@ -48,8 +52,6 @@ def grain_clips(videos: np.ndarray, sigma: float = TEACHER_GRAIN_SIGMA, seed: in
 
 def average_clips(prompts: list[tuple[str, int]], world: WorldConfig | None = None, k: int = AVERAGE_K) -> np.ndarray:
     """Per prompt, the mean of ``k`` held-out real clips of that prompt: the ToyBench one and k - 1 more."""
-    from anystep.eval.toybench import REFERENCE_SEED
-
     world = world or WorldConfig()
     ds = MovingDigits("heldout", world, seed=REFERENCE_SEED)
     out = []
@@ -80,8 +82,6 @@ def background_noise_sigma(videos: np.ndarray, world: WorldConfig | None = None,
 
 
 def corruption_sets(n_prompts: int = 40, world: WorldConfig | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
-    from anystep.eval.toybench import real_clips_for, toybench_prompts
-
     world = world or WorldConfig()
     prompts = toybench_prompts(n_prompts, world)
     real = real_clips_for(prompts, world)
@@ -91,15 +91,11 @@ def corruption_sets(n_prompts: int = 40, world: WorldConfig | None = None) -> tu
 
 def corruption_table(n_prompts: int = 40, world: WorldConfig | None = None) -> dict[str, dict]:
     """ToyBench scores (no per-clip lists) of the clean and corrupted real sets."""
-    from anystep.eval.toybench import score_videos
-
     texts, sets = corruption_sets(n_prompts, world)
     return {k: {kk: vv for kk, vv in score_videos(v, texts, world).items() if kk != "per_clip"} for k, v in sets.items()}
 
 
 def main(argv=None) -> None:
-    from anystep.eval.toybench import QUALITY_KEYS, SEMANTIC_KEYS, TOYBENCH_VERSION
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-prompts", type=int, default=40)
     ap.add_argument("--teacher", default=None, help="also measure this model's background noise sigma")
@@ -112,9 +108,6 @@ def main(argv=None) -> None:
     for k in keys:
         print(f"{k:24s}" + "".join(f"{table[s][k]:10.1f}" if k != "frechet" else f"{table[s][k]:10.3g}" for s in table))
     if args.teacher:
-        from anystep.eval.toybench import _generate_all, toybench_prompts
-        from anystep.sampling import load_model
-
         model = load_model(args.teacher)
         prompts = toybench_prompts(args.n_prompts)
         for s in (int(x) for x in args.steps.split(",")):

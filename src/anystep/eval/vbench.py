@@ -18,6 +18,8 @@ from anystep.errors import UserError
 
 import json
 from pathlib import Path
+from anystep.io import write_mp4
+from anystep.sampling import generate
 
 # (min, max) used by VBench's final-score script to normalise each dimension to [0, 1].
 NORMALIZE = {
@@ -100,9 +102,6 @@ def generate_vbench_videos(model, pairs, steps: int, out_dir, num_frames=None, h
                            fps: int = 16, seeds: int = SEEDS_PER_PROMPT, progress=print) -> list[Path]:
     """Every prompt x ``seeds`` seeds (seed = i), named as VBench expects; existing videos are kept
     (a killed run resumes). Returns the video paths in prompt order."""
-    from anystep.io import write_mp4
-    from anystep.sampling import generate
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

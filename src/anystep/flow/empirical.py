@@ -1,5 +1,5 @@
 """The exact flow of the empirical MovingDigits distribution: a teacher that is perfect at many
-steps (docs/design.md section 5; issue 18, item 2). A prototype, not wired into ``anystep reproduce``.
+steps and a blurred mean at one (docs/design.md section 5).
 
 For the straight noising path z_t = (1 - t) x + t e over a finite set of clips {x_i} with prior
 weights pi_i, the posterior over which clip was noised is
@@ -11,28 +11,31 @@ so E[x | z_t] = sum_i p(i | z_t) x_i, and the flow-matching velocity E[e - x | z
 steps lands on a training clip; one step from pure noise returns the prior mean of the clips (a
 blurred average).
 
-The conditional set of a prompt is every training clip that prompt can produce: each sklearn
-*train* image of the digit at each of the world's cross-axis offsets, in the prompt's colour and
-direction (uniform, as ``MovingDigits`` draws them). The unconditional mixture (for CFG) would be the
-same over all prompts; its exact form is ~100x larger than one prompt's, so
-:class:`EmpiricalTeacher` keeps the prompt's own component exactly and stands in for the other
-prompts with ``n_others`` clips drawn from the training stream (an importance-sampled mixture: the
-prompt's clips carry prior 1/P between them, the others (P - 1)/P). Near t = 0 the conditional and
-unconditional posteriors then collapse onto the same clip, as they do for the exact mixture.
-
-Everything runs in the normalised latent space of a model folder's codec (the toy codec is affine
-and exact), so the velocity has the network teacher's interface: latents (B, F, C, h, w), sigma t.
+Sampling-free and pure (the clip set is built once): :class:`EmpiricalFlow` is that teacher for the
+toy world, used as the *real score* of Stage 2 and the ODE teacher of the consistency ODE-init
+when ``real_score: empirical`` (docs/method.md, "The toy's real score"); the network teacher stays
+what students and critics start from, Wan's role. Its clip set is ``clips_per_prompt`` training
+clips of every prompt of the world (a seeded draw of (sklearn *train* image of the digit,
+cross-axis offset) pairs, rendered in the prompt's colour and direction as ``MovingDigits``
+renders them), so the conditional flow of a prompt is exact for its K clips and the unconditional
+one (for CFG) is the exact mixture over all prompts, uniform. All of it runs in the normalised
+latent space of a model folder's codec (the toy codec is affine and exact): latents
+(B, F, C, h, w), per-sample sigma, like the network teacher. ToyBench scores it through
+:mod:`anystep.eval.empirical_teacher`.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
+import json
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from anystep.data.moving_digits import DIGIT_WORDS, WorldConfig, digit_images, make_prompt, parse_prompt, render_clip
+from anystep.flow.schedule import sampling_grid
+from anystep.models.latents import encode_pixels
+from anystep.models.loaded import load_model
 
 
 def empirical_log_likelihood(z: torch.Tensor, t: float, clips: torch.Tensor, sq_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,8 +108,6 @@ class EmpiricalFlow:
     """
 
     def __init__(self, vae, world: WorldConfig | None = None, clips_per_prompt: int = 64, seed: int = 0):
-        from anystep.models.latents import encode_pixels
-
         self.world = world or WorldConfig()
         self.k = int(clips_per_prompt)
         if self.k < 1:
@@ -136,9 +137,6 @@ class EmpiricalFlow:
     def cached(cls, vae, world: WorldConfig, clips_per_prompt: int = 64, seed: int = 0) -> "EmpiricalFlow":
         """One clip set per (codec settings, world, K, seed) in this process: ``anystep reproduce``
         trains every job in one process, and building a set costs ~10 s on two cores."""
-        import json
-        from dataclasses import asdict
-
         key = json.dumps([dict(vae.config), asdict(world), int(clips_per_prompt), int(seed)], sort_keys=True, default=str)
         if key not in _CACHE:
             while len(_CACHE) >= 2:  # 7- and 13-frame sets, ~0.9 and ~1.6 GB
@@ -149,8 +147,6 @@ class EmpiricalFlow:
     @classmethod
     def from_folder(cls, folder, world: WorldConfig | None = None, clips_per_prompt: int = 64, seed: int = 0) -> "EmpiricalFlow":
         """The clip set encoded with a model folder's codec (so latents match that folder's)."""
-        from anystep.sampling import load_model
-
         return cls(load_model(folder).codec, world, clips_per_prompt, seed)
 
     def prompt_ids(self, prompts) -> torch.Tensor:
@@ -192,82 +188,24 @@ class EmpiricalFlow:
         tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(z.shape[0]).view(-1, *([1] * (z.ndim - 1)))
         return (z - self.x0(z, t, ids, guidance)) / tt
 
+    def halves_velocity(self, ids: torch.Tensor):
+        """A velocity ``(zz, t, r)`` for Euler with CFG (:func:`anystep.flow.solvers.euler`): it sees the
+        conditional and the null half as one batch ``[z; z]`` and returns ``[v_c; v_u]``, with one
+        posterior computation for both halves."""
+
+        def velocity(zz: torch.Tensor, t, _r=None) -> torch.Tensor:
+            z = zz[: zz.shape[0] // 2]
+            mean_c, mean_u = self.posterior_means(z, t, ids)
+            return torch.cat([(z - mean_c) / t, (z - mean_u) / t]).to(zz.device)
+
+        return velocity
+
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, prompts, steps: int, guidance: float | None = None, shift: float = 5.0) -> torch.Tensor:
         """Euler on the shifted grid the network teacher uses, from ``noise`` (B, F, C, h, w)."""
-        from anystep.flow.schedule import sampling_grid
-
         ids = self.prompt_ids(prompts)
         z = noise.float()
         grid = [float(v) for v in sampling_grid(steps, shift)]
         for t, t_next in zip(grid[:-1], grid[1:]):
             z = z - (t - t_next) * self.velocity(z, t, ids, guidance)
         return z
-
-
-class EmpiricalFlowModel:
-    """The empirical flow as ToyBench and ``anystep reproduce`` see a model: sampled like a teacher
-    (Euler + CFG on the shifted grid, 2 NFE a step), from the noise a folder's model draws for the
-    same seed, decoded by that folder's codec. One clip set per frame count, built when first used."""
-
-    kind = "empirical_flow"
-    sampler = "euler_cfg"
-
-    def __init__(self, folder, clips_per_prompt: int = 64, seed: int = 0):
-        from anystep.sampling import load_model
-
-        self.folder, self.k, self.seed = str(folder), int(clips_per_prompt), int(seed)
-        self.model = load_model(folder)
-        self.codec = self.model.codec
-        self.name = f"empirical_flow(K={self.k}, seed={self.seed}, codec={self.folder})"
-        self._flows: dict[int, EmpiricalFlow] = {}
-
-    def flow(self, num_frames: int) -> EmpiricalFlow:
-        if num_frames not in self._flows:
-            self._flows = {num_frames: EmpiricalFlow.cached(self.codec, WorldConfig(num_frames=num_frames), self.k, self.seed)}
-        return self._flows[num_frames]
-
-    def generate_videos(self, prompts: list[tuple[str, int]], steps: int, num_frames: int,
-                        guidance_scale: float | None = None) -> np.ndarray:
-        """Pixels (B, F, 3, H, W) of ``prompts`` (text, seed) at ``steps`` Euler steps."""
-        from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, initial_noise, latents_to_video
-
-        g = DEFAULT_TEACHER_GUIDANCE if guidance_scale is None else float(guidance_scale)
-        flow = self.flow(num_frames)
-        noise = torch.cat([initial_noise(flow.latent_shape, 1, seed) for _, seed in prompts])
-        shift = float(getattr(self.model.pipe.scheduler.config, "shift", 5.0))
-        latents = flow.sample(noise, [p for p, _ in prompts], int(steps), g if g != 1.0 else None, shift)
-        return latents_to_video(self.model, latents).numpy()
-
-
-def main(argv=None) -> None:
-    from anystep.eval.toybench import score_videos, toybench_prompts
-    from anystep.report import bootstrap_ci
-    from anystep.sampling import initial_noise, latents_to_video, load_model
-
-    ap = argparse.ArgumentParser(description="ToyBench of the exact empirical-flow teacher")
-    ap.add_argument("--model", default="models/toy-teacher", help="folder whose codec defines the latent space")
-    ap.add_argument("--steps", default="2,16,50")
-    ap.add_argument("--guidance", type=float, default=4.0, help="usual CFG form; 1 = the conditional flow alone")
-    ap.add_argument("--n-prompts", type=int, default=40)
-    ap.add_argument("--clips-per-prompt", type=int, default=64)
-    args = ap.parse_args(argv)
-    world = WorldConfig()
-    prompts = toybench_prompts(args.n_prompts, world)
-    texts = [p for p, _ in prompts]
-    model = load_model(args.model)
-    flow = EmpiricalFlow(model.codec, world, args.clips_per_prompt)
-    noise = torch.cat([initial_noise(flow.latent_shape, 1, s) for _, s in prompts])
-    per_step = 2 if args.guidance != 1.0 else 1
-    for s in [int(x) for x in args.steps.split(",")]:
-        v = latents_to_video(model, flow.sample(noise, texts, s, args.guidance)).numpy()
-        r = score_videos(v, texts, world)
-        _, lo, hi = bootstrap_ci(r["per_clip"]["total"])
-        print(f"empirical flow (K={flow.k}), CFG {args.guidance:g}, {s} steps (NFE {per_step * s}): Total {r['Total']:.1f} "
-              f"[{lo:.1f}, {hi:.1f}]  Quality {r['Quality']:.1f}  Semantic {r['Semantic']:.1f}  "
-              f"sharp {r['imaging_sharpness']:.1f}  grain {r['imaging_grain']:.1f}  digit {r['digit_accuracy']:.1f}  "
-              f"FD {r['frechet']:.3g}", flush=True)
-
-
-if __name__ == "__main__":
-    main()

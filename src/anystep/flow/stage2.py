@@ -54,11 +54,6 @@ def dmd_renoise_sigma(n: int, shift: float = 5.0, generator: torch.Generator | N
     return shift_sigma(torch.rand(n, generator=generator, dtype=torch.float64), shift).float()
 
 
-def x0_from_velocity(z: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x0 = z - sigma v for z = (1 - sigma) x + sigma e and v = e - x."""
-    return z - sigma.view(-1, *([1] * (z.ndim - 1))).to(z.dtype) * v
-
-
 def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """Eq. 5's KL gradient in x0 form, normalised per sample (DMD's adaptive scale).
 

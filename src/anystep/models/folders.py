@@ -18,7 +18,8 @@ from pathlib import Path
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler
 
 from anystep.models.card import write_model_card
-from anystep.train.common import atomic_save_folder
+import anystep.models.codec
+from anystep.fsutil import atomic_save_folder
 
 
 class ModelFolderError(UserError, ValueError):
@@ -122,7 +123,6 @@ def load_pipeline(folder, torch_dtype=None):
     import diffusers
     from safetensors import SafetensorError
 
-    import anystep.models.codec  # noqa: F401  diffusers resolves a toy folder's codec among imported modules only
 
     data = read_model_index(folder)
     cls = getattr(diffusers, data["_class_name"])

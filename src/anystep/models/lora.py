@@ -7,15 +7,15 @@ full. Export merges the adapters, so the written folder needs no peft to load.
 
 from __future__ import annotations
 
-import torch
+from peft import LoraConfig
 
+#: The reference recipe's adapter targets: attn1 q/k/v/out and the feed-forward.
+REFERENCE_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
 EMBEDDER_PREFIXES = ("condition_embedder.time_embedder.", "condition_embedder.delta_embedder.")
 ADAPTER = "anystep"
 
 
 def add_student_lora(model, rank: int, alpha: int, targets: list[str], train_embedders: bool = True):
-    from peft import LoraConfig
-
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     names = {n for n, _ in model.named_modules()}

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from anystep.models.folders import ModelFolderError, load_pipeline, read_model_index, save_anyflow_folder
 
-from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS
 
 #: Reference causal chunk partition (docs/design.md section 3: 81 frames = 21 latents = 1 + 6*3 + 2).
 REFERENCE_CHUNK_PARTITION = (1, 3, 3, 3, 3, 3, 3, 2)
@@ -75,7 +75,7 @@ def _plain_config(wan_config) -> dict:
     return cfg
 
 
-def _as_partition(chunk_partition) -> tuple[int, ...]:
+def as_partition(chunk_partition) -> tuple[int, ...]:
     if isinstance(chunk_partition, (str, bytes)) or not isinstance(chunk_partition, Sequence):
         raise ValueError(f"chunk_partition must be a sequence of positive ints, got {chunk_partition!r}")
     part = tuple(int(c) for c in chunk_partition)
@@ -142,7 +142,7 @@ def anyflow_config_from_wan(
             raise ValueError("chunk_partition only applies to the causal (FAR) student; pass causal=True")
         return out
 
-    part = _as_partition(REFERENCE_CHUNK_PARTITION if chunk_partition is None else chunk_partition)
+    part = as_partition(REFERENCE_CHUNK_PARTITION if chunk_partition is None else chunk_partition)
     cps = tuple(int(p) for p in compressed_patch_size)
     if len(cps) != 3 or any(c < p or c % p for c, p in zip(cps, patch)) or cps[0] != 1 or cps[1] != cps[2]:
         raise ValueError(
@@ -189,8 +189,6 @@ def _load_wan_transformer(teacher):
         raise TypeError(f"expected a WanTransformer3DModel, got {type(teacher).__name__}")
     folder = Path(teacher)
     if (folder / "model_index.json").exists():
-        from anystep.models.folders import read_model_index
-
         index = read_model_index(folder)
         if index["_class_name"] != "WanPipeline":
             raise ValueError(f"{folder} is a {index['_class_name']} folder, not a Wan teacher (WanPipeline)")
@@ -282,8 +280,6 @@ def student_folder_from_teacher(
     ``num_frames`` (pixel frames), when given, is checked against ``chunk_partition``: a causal
     student can only generate clips whose latent frame count equals the partition's sum.
     """
-    from anystep.models.folders import ModelFolderError, load_pipeline, save_anyflow_folder
-
     pipe = load_pipeline(teacher_folder)
     if type(pipe).__name__ != "WanPipeline":
         raise ModelFolderError(f"{teacher_folder}: expected a teacher (WanPipeline) folder, got {type(pipe).__name__}")
@@ -298,7 +294,7 @@ def check_chunk_partition(chunk_partition: Sequence[int], num_frames: int, tempo
     """Raise ``ValueError`` unless ``chunk_partition`` sums to the latent frame count of ``num_frames``
     pixel frames (``(num_frames - 1) // temporal_factor + 1``, the Wan VAE rule); return that count."""
     latent_frames = (int(num_frames) - 1) // int(temporal_factor) + 1
-    part = _as_partition(chunk_partition)
+    part = as_partition(chunk_partition)
     if sum(part) != latent_frames:
         raise ValueError(
             f"chunk_partition {list(part)} covers {sum(part)} latent frames, but {num_frames} frames make "
@@ -306,83 +302,6 @@ def check_chunk_partition(chunk_partition: Sequence[int], num_frames: int, tempo
             f"{latent_frames}"
         )
     return latent_frames
-
-
-# -- the two network calls ---------------------------------------------------------------------
-
-
-def _per_frame(sigma, batch: int, frames: int, name: str) -> torch.Tensor:
-    s = torch.as_tensor(sigma, dtype=torch.float32)
-    if s.ndim == 0:
-        s = s.expand(batch)
-    if s.ndim == 1:
-        if s.shape[0] != batch:
-            raise ValueError(f"{name} has {s.shape[0]} entries for a batch of {batch}")
-        s = s[:, None].expand(batch, frames)
-    elif s.ndim != 2 or tuple(s.shape) != (batch, frames):
-        raise ValueError(f"{name} must be a scalar, (B,) or (B, F) = ({batch}, {frames}), got shape {tuple(s.shape)}")
-    return s
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype a model computes in: FSDP2 with a bf16 policy keeps fp32 master weights (so
-    ``model.dtype`` says fp32) but gathers bf16 ones for the forward (set by ``anystep.distributed.shard``)."""
-    return getattr(model, "anystep_compute_dtype", None) or model.dtype
-
-
-def flow_map_velocity(model, z: torch.Tensor, t_sigma, r_sigma, prompt_embeds: torch.Tensor) -> torch.Tensor:
-    """Average velocity ``u(z_t, t, r)`` of a bidirectional AnyFlow student; ``z_r = z_t - (t - r) u``.
-
-    ``z``: (B, F, C, h, w). ``t_sigma``, ``r_sigma``: sigmas in [0, 1] as a scalar, per sample (B,)
-    or per frame (B, F); they are scaled by 1000 to model timesteps (docs/design.md section 3). Timesteps
-    stay fp32 whatever the model dtype: 1000*sigma in bf16 would lose the small finite-difference
-    offsets (eps = 0.005) the Stage-1 target needs. Returns u with the shape of ``z``. Differentiable.
-    """
-    from diffusers import AnyFlowFARTransformer3DModel
-
-    if isinstance(model, AnyFlowFARTransformer3DModel):
-        raise TypeError("flow_map_velocity is for the bidirectional student; a FAR model needs a chunk_partition")
-    if z.ndim != 5:
-        raise ValueError(f"z must be (B, F, C, h, w), got shape {tuple(z.shape)}")
-    b, f = z.shape[:2]
-    t = _per_frame(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    r = _per_frame(r_sigma, b, f, "r_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    out = model(
-        hidden_states=z.to(compute_dtype(model)),
-        timestep=t,
-        r_timestep=r,
-        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=compute_dtype(model)),
-        return_dict=False,
-    )[0]
-    return out
-
-
-def teacher_velocity(wan_model, z: torch.Tensor, t_sigma, prompt_embeds: torch.Tensor) -> torch.Tensor:
-    """Instantaneous velocity ``v(z_t, t)`` of a Wan teacher, in the AnyFlow layout.
-
-    ``z``: (B, F, C, h, w), permuted to Wan's (B, C, F, h, w) and back. ``t_sigma`` as in
-    :func:`flow_map_velocity`; per-frame sigmas are expanded to Wan's per-token timesteps (the
-    Wan 2.2 TI2V path of ``WanTransformer3DModel``), which is how the causal rollout's clips --
-    frames at different noise levels -- are scored by the bidirectional teacher.
-    """
-    if z.ndim != 5:
-        raise ValueError(f"z must be (B, F, C, h, w), got shape {tuple(z.shape)}")
-    b, f, _, h, w = z.shape
-    t = _per_frame(t_sigma, b, f, "t_sigma").to(z.device) * NUM_TRAIN_TIMESTEPS
-    if bool((t == t[:, :1]).all()):
-        timestep = t[:, 0]
-    else:
-        pt, ph, pw = wan_model.config.patch_size
-        if pt != 1:
-            raise ValueError("per-frame sigmas need a Wan model with temporal patch 1")
-        timestep = t.repeat_interleave((h // ph) * (w // pw), dim=1)
-    out = wan_model(
-        hidden_states=z.permute(0, 2, 1, 3, 4).to(compute_dtype(wan_model)),
-        timestep=timestep,
-        encoder_hidden_states=prompt_embeds.to(device=z.device, dtype=compute_dtype(wan_model)),
-        return_dict=False,
-    )[0]
-    return out.permute(0, 2, 1, 3, 4)
 
 
 # -- FAR KV-cache inference: mask the alignment padding ---------------------------------------------

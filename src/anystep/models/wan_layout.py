@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from anystep.models.folders import save_anyflow_folder, save_teacher_folder
+from anystep.models.students import student_from_teacher
+from anystep.models.text import build_tiny_umt5, build_word_tokenizer
 
 # Published Wan2.1 T2V transformer shapes (diffusers config keys).
 WAN_TRANSFORMERS: dict[str, dict] = {
@@ -52,9 +55,6 @@ def build_tiny_wan_folder(dest, kind: str = "teacher", seed: int = 0, chunk_part
     multiple of 16 (VAE x8, patch x2)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from anystep.models.folders import save_anyflow_folder, save_teacher_folder
-    from anystep.models.students import student_from_teacher
-    from anystep.models.text import build_tiny_umt5, build_word_tokenizer
 
     if kind not in ("teacher", "anyflow", "anyflow_far"):
         raise ValueError(f"kind must be teacher, anyflow or anyflow_far, got {kind!r}")

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from anystep.conditioning import context_latents, read_frames
 from anystep.errors import UserError
+from anystep.io import write_mp4
+from anystep.sampling import generate_latents, latents_to_video, nfe
 
 MAX_STEPS = 50
 COMPARE_STEPS = (1, 2, 4, 8, 32)
@@ -195,28 +198,20 @@ def _clip_latents(loaded, prompt: str, steps: int, seed: int, num_frames: int, c
                   on_chunk: Callable[[int, int, object], None]) -> None:
     """Sample one clip; ``on_chunk(k, count, latents_so_far)`` after each chunk (once, for a
     whole-clip model)."""
-    if loaded.kind == "anyflow_far":
-        from anystep.causal_generation import generate_causal
-
-        count = len(loaded.transformer.config.chunk_partition)
-        generate_causal(loaded, [prompt], steps, seed=seed, num_frames=num_frames, height=HEIGHT, width=WIDTH,
-                        context=context, on_chunk=lambda k, lat: on_chunk(k, count, lat))
+    count = len(loaded.transformer.config.chunk_partition) if loaded.kind == "anyflow_far" else 1
+    if count > 1 or context is not None:
+        generate_latents(loaded, [prompt], steps, seed=seed, num_frames=num_frames, height=HEIGHT, width=WIDTH,
+                         context=context, on_chunk=lambda k, lat: on_chunk(k, count, lat))
         return
-    from anystep.sampling import generate_latents
-
     on_chunk(0, 1, generate_latents(loaded, [prompt], steps, seed=seed, num_frames=num_frames, height=HEIGHT,
                                     width=WIDTH))
 
 
 def _to_pixels(loaded, latents):
-    from anystep.sampling import latents_to_video
-
     return latents_to_video(loaded, latents)[0]
 
 
 def _first_frame_latents(loaded, image: str):
-    from anystep.causal_generation import context_latents, read_frames
-
     frames = read_frames(image)  # ConditioningError (a UserError) for a file that is not an image
     if frames.shape[0] != 1:
         raise StudioInputError(f"{Path(image).name} holds {frames.shape[0]} frames: give one still image")
@@ -224,14 +219,10 @@ def _first_frame_latents(loaded, image: str):
 
 
 def _nfe(loaded, steps: int) -> int:
-    from anystep.sampling import nfe
-
     return nfe(loaded, steps)
 
 
 def _write_mp4(video, path: Path) -> None:
-    from anystep.io import write_mp4
-
     write_mp4(video, path, fps=FPS)
 
 

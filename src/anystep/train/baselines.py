@@ -5,7 +5,7 @@ baselines ... sharing the same loop so the comparison is fair"):
 
 * *Consistency ODE-init + consistency backward simulation* (Self-Forcing / rCM style):
   :func:`train_consistency_init` here, then ``train_stage2(Stage2Config(student=<that folder>,
-  rollout="consistency"))``, sampled with :func:`anystep.rollout.consistency_sample`.
+  rollout="consistency"))``, sampled with the consistency sampler (:mod:`anystep.sampling`).
 * *Flow-map training + consistency backward simulation* (the ablation row): Stage 1, then
   ``train_stage2(..., rollout="consistency")``.
 * *AnyFlow*: Stage 1, then ``train_stage2(..., rollout="flowmap")``, sampled with flow-map Euler.
@@ -19,7 +19,7 @@ student's clean-data prediction at those states onto the ODE's end point:
     x0_theta(z_tau, tau) = z_tau - tau u(z_tau, tau, 0)  ->  x_ODE(0).
 
 The student is the same flow-map network as AnyFlow's (built from the teacher by
-:class:`anystep.train.stage1.Stage1Method`, gate 0.25 interpolated conditioning), used only at
+:func:`anystep.train.student.build_student`, gate 0.25 interpolated conditioning), used only at
 r = 0 -- so the consistency and flow-map rows differ in the training method alone.
 """
 
@@ -31,9 +31,20 @@ from pathlib import Path
 
 import torch
 
+from anystep.data.shards import training_batches
+from anystep.flow.matching import per_sample_mse, x0_from_velocity
 from anystep.flow.schedule import sampling_grid
-from anystep.train.stage2 import LORA_TARGETS, check_real_score, empirical_real_score
+from anystep.flow.solvers import consistency_grid, euler
 from anystep.models.card import training_rows
+from anystep.models.far_train import far_flow_map_velocity
+from anystep.models.lora import REFERENCE_LORA_TARGETS
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
+from anystep.train.loop import run_method
+from anystep.train.real_score import check_real_score, empirical_real_score
+from anystep.train.registry import MethodInfo
+from anystep.train.stage1 import CHUNK_SAMPLE_PROB, chunk_count
+from anystep.train.student import StudentSpec, build_student, load_trained_student, prepare_student, save_student
+from anystep.train.updater import RankSlice, Updater, step_generator
 
 STREAM_ODE = 21
 
@@ -70,7 +81,7 @@ class ConsistencyInitConfig:
     gate_value: float = 0.25
     lora_rank: int = 0
     lora_alpha: int = 0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -90,12 +101,15 @@ def ode_time_grid(record: list[float], ode_steps: int, shift: float = 5.0) -> li
 
 
 @torch.no_grad()
-def ode_states(velocity, noise: torch.Tensor, record: list[float], ode_steps: int = 48,
-               shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler on a PF-ODE with the guided velocity ``velocity(z, t)`` from ``noise`` (sigma 1) to 0.
+def ode_states(velocity, noise: torch.Tensor, record: list[float], ode_steps: int = 48, shift: float = 5.0,
+               guidance: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler + CFG on a PF-ODE from ``noise`` (at sigma 1) to 0; ``velocity(z, t, r)`` sees the
+    conditional and the null half as one batch, as in :func:`anystep.flow.solvers.euler`.
 
     Returns ``(states, x0)``: ``states[i]`` is the ODE state at ``record[i]`` (shape
-    (len(record), B, F, C, h, w)), ``x0`` the end point.
+    (len(record), B, F, C, h, w)), ``x0`` the end point. CFG in the usual form
+    v = v_u + w (v_c - v_u): the sampler's own :func:`~anystep.flow.solvers.euler`, run from one
+    recorded time to the next.
     """
     times = ode_time_grid(list(record), ode_steps, shift)
     want = {i: j for j, r in enumerate(record) for i, t in enumerate(times) if math.isclose(r, t, rel_tol=0, abs_tol=1e-9)}
@@ -103,77 +117,85 @@ def ode_states(velocity, noise: torch.Tensor, record: list[float], ode_steps: in
         raise ValueError(f"record times {record} not all on the ODE grid")
     z = noise.float()
     states: list[torch.Tensor | None] = [None] * len(record)
-    for i in range(len(times) - 1):
-        if i in want:
-            states[want[i]] = z
-        z = z + (times[i + 1] - times[i]) * velocity(z, times[i])
-    return torch.stack(states), z
+    start = 0
+    for i in sorted(want):
+        z = euler(velocity, z, times[start : i + 1], guidance)
+        states[want[i]] = z
+        start = i
+    return torch.stack(states), euler(velocity, z, times[start:], guidance)
 
 
 def teacher_ode_states(
     teacher, noise: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, record: list[float],
     ode_steps: int = 48, shift: float = 5.0, guidance: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ode_states` of the teacher network with CFG in the usual form v = v_u + w (v_c - v_u),
-    both halves in one batched call, as in ``anystep.sampling``."""
-    from anystep.models.students import teacher_velocity
-
-    b = noise.shape[0]
+    """:func:`ode_states` of the teacher network."""
     emb = torch.cat([cond, null])
 
-    def velocity(z, t):
-        v = teacher_velocity(teacher, torch.cat([z, z]), torch.full((2 * b,), t, dtype=torch.float32), emb).float()
-        return v[b:] + guidance * (v[:b] - v[b:])
+    def velocity(z, t, _r):
+        return teacher_velocity(teacher, z, t, emb)
 
-    return ode_states(velocity, noise, record, ode_steps, shift)
+    return ode_states(velocity, noise, record, ode_steps, shift, guidance)
+
+
+def student_spec(cfg: ConsistencyInitConfig) -> StudentSpec:
+    """The flow-map student AnyFlow's Stage 1 builds from the same teacher."""
+    return StudentSpec(source=cfg.teacher, causal=cfg.causal, chunk_partition=tuple(cfg.chunk_partition),
+                       num_frames=cfg.num_frames, gate_value=cfg.gate_value, lora_rank=cfg.lora_rank,
+                       lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets))
 
 
 class ConsistencyInitMethod:
-    """Student, teacher and the per-micro-step loss for the shared :class:`TrainLoop`."""
+    """Student and teacher, one updater: the student's x0 at the teacher's ODE states."""
+
+    name = title = "consistency_init"
+    shown = ("loss",)
+    weights = ("model", "ema")
 
     def __init__(self, cfg: ConsistencyInitConfig, rank: int = 0, world_size: int = 1):
-        from anystep.train.stage1 import Stage1Config, Stage1Method
-
         if cfg.grid_steps < 1:
             raise ValueError(f"grid_steps must be >= 1, got {cfg.grid_steps}")
         check_real_score(cfg.real_score, cfg.data)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.ranks = RankSlice(rank, world_size)
+        self.device = torch.device("cpu")
         torch.manual_seed(cfg.seed)
-        s1 = dict(
-            teacher=cfg.teacher, out=cfg.out, data=cfg.data, num_frames=cfg.num_frames, causal=cfg.causal,
-            batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift, gate_value=cfg.gate_value,
-            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
-        )
-        if cfg.causal:
-            s1.update(chunk_partition=tuple(cfg.chunk_partition), min_chunks=min(3, len(cfg.chunk_partition)))
-        # Stage1Method builds the flow-map student from the teacher exactly as Stage 1 does.
-        self.base = Stage1Method(Stage1Config(**s1), rank, world_size)
-        if self.base.pipe.__class__.__name__ != "WanPipeline":
+        self.student, self.pipe = build_student(student_spec(cfg))
+        if self.pipe.__class__.__name__ != "WanPipeline":
             raise ValueError(f"{cfg.teacher}: consistency ODE-init starts from a Wan teacher folder")
-        self.student = self.base.student
-        self.pipe = self.base.pipe
         self.teacher = self.pipe.transformer.float().eval().requires_grad_(False)
-        self.data = self.base.data
-        self.grid = [float(v) for v in sampling_grid(cfg.grid_steps, cfg.shift)[:-1]]
+        self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
+        self.grid = consistency_grid(cfg.grid_steps, cfg.shift)
         self.empirical = empirical_real_score(cfg.real_score, cfg.data, self.pipe.vae, cfg.num_frames,
                                               cfg.real_score_clips)
+        self.updaters = [Updater.from_config(self.student, self.loss, cfg)]
+
+    @staticmethod
+    def sampler(cfg: ConsistencyInitConfig) -> str:
+        return "consistency"
+
+    def prepare_for_training(self, env) -> None:
+        prepare_student(self.student, env, self.cfg)
+        self.device = env.device
+        self.teacher.to(env.device)  # frozen, replicated: it only runs no-grad ODE solves
+        self.updaters = [Updater.from_config(self.student, self.loss, self.cfg)]
+
+    def batch(self, step: int, micro: int):
+        return self.data.batch(step, self.cfg.batch_size, micro, self.cfg.grad_accum, self.rank, self.world_size)
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
-        from anystep.train.loop import step_generator
+        return self.loss_on(self.batch(step, micro), step, micro)
 
-        cfg = self.cfg
+    def loss_on(self, batch, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        cfg, ranks, dev = self.cfg, self.ranks, self.device
         # Global-batch draws sliced per rank (RankSlice): N ranks draw what one process would.
-        ranks = self.base.ranks
         gen = step_generator(cfg.seed + 7919, step, micro, STREAM_ODE)
-        x, prompts = self.data.batch(step, cfg.batch_size, micro, cfg.grad_accum, self.rank, self.world_size)
-        dev = self.base.device
+        x, prompts = batch
         cond, null = self.data.embed(prompts).to(dev), self.data.null(len(prompts)).to(dev)
         noise = ranks.randn(gen, x.shape).to(dev)
         if self.empirical is not None:
-            ids = self.empirical.prompt_ids(prompts)
-            states, x0 = ode_states(lambda z, t: self.empirical.velocity(z, t, ids, cfg.teacher_guidance).to(dev),
-                                    noise, self.grid, cfg.ode_steps, cfg.shift)
+            velocity = self.empirical.halves_velocity(self.empirical.prompt_ids(prompts))
+            states, x0 = ode_states(velocity, noise, self.grid, cfg.ode_steps, cfg.shift, cfg.teacher_guidance)
         else:
             states, x0 = teacher_ode_states(self.teacher, noise, cond, null, self.grid, cfg.ode_steps, cfg.shift,
                                             cfg.teacher_guidance)
@@ -182,47 +204,33 @@ class ConsistencyInitMethod:
         z = states[idx, torch.arange(b)]
         t = torch.tensor([self.grid[i] for i in idx.tolist()], dtype=torch.float32, device=dev)
         if cfg.causal:
-            from anystep.models.far_train import far_flow_map_velocity
-
             # Teacher forcing with the ODE's end point as clean context; chunk count as in Stage 1.
-            k = self.base.chunk_count(step_generator(cfg.seed, step, micro, stream=1))
+            k = chunk_count(len(cfg.chunk_partition), min(3, len(cfg.chunk_partition)), CHUNK_SAMPLE_PROB,
+                            step_generator(cfg.seed, step, micro, stream=1))
             part = tuple(cfg.chunk_partition[:k])
             f = sum(part)
             z, x0 = z[:, :f], x0[:, :f]
             u = far_flow_map_velocity(self.student, z, t, torch.zeros_like(t), cond, part, clean_latents=x0).float()
             z, x0 = z[:, f - u.shape[1] :], x0[:, f - u.shape[1] :]
         else:
-            from anystep.models.students import flow_map_velocity
-
             u = flow_map_velocity(self.student, z, t, torch.zeros_like(t), cond).float()
-        pred = z - t.view(-1, 1, 1, 1, 1) * u
-        per = (pred - x0).pow(2).flatten(1).mean(1)
-        return per.mean(), {"grid_index_mean": idx.float().mean().item()}
+        return per_sample_mse(x0_from_velocity(z, u, t), x0).mean(), {"grid_index_mean": idx.float().mean().item()}
+
+    def save_folder(self, dest) -> Path:
+        final = self.updaters[0].ema.ema_copy(self.student)
+        return save_student(dest, final, self.pipe, shift=self.cfg.shift, sampler="consistency",
+                            training=training_rows(self.cfg, "consistency_init"), lora=self.cfg.lora_rank > 0)
+
+    def export_checkpoint(self, run_dir, dest) -> Path:
+        module, pipe = load_trained_student(run_dir, student_spec(self.cfg), self.weights)
+        return save_student(dest, module, pipe, shift=self.cfg.shift, sampler="consistency",
+                            training=training_rows(self.cfg, "consistency_init"), lora=self.cfg.lora_rank > 0)
 
 
 def train_consistency_init(cfg: ConsistencyInitConfig) -> Path:
     """Train the consistency ODE-init student; write ``out/model`` (EMA weights, diffusers folder)."""
-    from anystep.distributed import setup
-    from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import TrainLoop, final_folder_from_checkpoint, write_resolved_config
+    return run_method(ConsistencyInitMethod, cfg)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    env = setup()
-    method = ConsistencyInitMethod(cfg, env.rank, env.world_size)
-    method.base.prepare_for_training(env)
-    method.teacher.to(env.device)  # frozen, replicated: it only runs no-grad ODE solves
-    loop = TrainLoop(method.student, cfg.out, cfg, name="consistency_init", env=env)
-    write_resolved_config(Path(cfg.out), cfg)
-    loop.maybe_resume()
-    loop.run(method.loss, cfg.steps)
-    if env.distributed:
-        return final_folder_from_checkpoint(cfg.out)
-    final = loop.ema_module().eval()
-    if cfg.lora_rank > 0:
-        from anystep.models.lora import merge_student_lora
 
-        final = merge_student_lora(final)
-    pipe = method.pipe
-    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler="consistency", training=training_rows(cfg, "consistency_init"))
+METHOD = MethodInfo(ConsistencyInitConfig, ConsistencyInitMethod, train_consistency_init, "consistency ODE-init model",
+                    student_spec)

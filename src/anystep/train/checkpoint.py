@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from anystep.distributed import barrier
-from anystep.train.common import atomic_write
+from anystep.fsutil import atomic_write
 
 # DCP warns on every single-process save/load that it "assumes the intent" is one process: it is.
 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")

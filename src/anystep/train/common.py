@@ -1,20 +1,15 @@
-"""Pieces every training method shares: EMA, atomic checkpoints, JSONL metrics, LR warm-up."""
+"""Pieces every training method shares: EMA, JSONL metrics, LR schedules."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from anystep.errors import UserError
-from anystep.fsutil import atomic_file, read_marker, swap_folder_in, temp_folder_beside, write_marker
 
 
 class EMA:
@@ -71,68 +66,6 @@ def warmup_cooldown_lambda(warmup: int, total: int, cooldown: int):
     return factor
 
 
-def atomic_write(path: str | os.PathLike, write, binary: bool = True) -> Path:
-    """Write through ``write(file_object)``; the file appears only complete (``fsutil.atomic_file``:
-    written beside, fsynced, renamed), so a reader or a crash never sees half of it."""
-
-    def through_file(tmp):
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-
-    return atomic_file(path, through_file)
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_save_folder(write_fn, dest: str | os.PathLike, kind: str | None = None) -> None:
-    """Build a folder with ``write_fn(tmpdir)`` next to ``dest`` and swap it in by rename.
-
-    A crash leaves either the old folder or the new one, never a mix. ``kind`` marks the folder
-    as ours (:mod:`anystep.fsutil`); an existing ``dest`` is replaced only when it is empty, ours,
-    or a model folder (``model_index.json``) -- never a file or a foreign folder.
-    """
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"{dest} exists and is not a folder; it is left as it is: choose another destination")
-    if dest.is_dir() and any(dest.iterdir()) and read_marker(dest) is None and not (dest / "model_index.json").is_file():
-        raise UserError(f"{dest} is a non-empty folder not written by anystep; it is left as it is: choose another destination")
-    tmp = temp_folder_beside(dest)
-    try:
-        write_fn(tmp)
-        if kind is not None:
-            write_marker(tmp, kind)
-        swap_folder_in(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@torch.no_grad()
-def load_trainable(module: torch.nn.Module, tensors: dict, source, what: str = "model") -> None:
-    """Copy checkpointed trainable tensors (by parameter name) into ``module``; refuse a mismatch."""
-    params = dict(module.named_parameters())
-    for k, v in tensors.items():
-        if k not in params:
-            raise ValueError(f"checkpoint {source} does not match the {what} (unknown parameter {k})")
-        params[k].copy_(v)
-
-
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 class JsonlLogger:
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path else None
@@ -145,14 +78,3 @@ class JsonlLogger:
         clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-
-
-def logit_normal_sigma(n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0):
-    """sigma = sigmoid(N(mean, std)): the SD3 / Wan logit-normal time density (before the shift)."""
-    return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
-
-
-def cosine_or_constant(step: int, total: int, kind: str) -> float:
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
-    return 1.0

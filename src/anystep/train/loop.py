@@ -1,125 +1,82 @@
-"""The shared training loop: AdamW + warm-up, clipping, gradient accumulation, EMA, JSONL metrics,
-a progress bar, and atomic DCP checkpoints (:mod:`anystep.train.checkpoint`) whose resume continues
-with the same next loss, at the same or another world size.
+"""The one training loop: every method's updaters, stepped in order, with accumulation, JSONL
+metrics, a progress bar, atomic DCP checkpoints (:mod:`anystep.train.checkpoint`) whose resume
+continues with the same next loss at the same or another world size, and the final folder.
 
-Randomness is drawn from a generator seeded by (seed, step), so a resumed run draws exactly the
-numbers an uninterrupted one would have, without replaying any RNG state. The data position is
-the step counter itself (clip indices are a function of the step).
+A method (``Stage1Method``, ``Stage2Method``, ``ConsistencyInitMethod``, ``TeacherMethod``) is a
+small class: it builds its modules, takes each micro-batch as an argument of its loss, and exposes
+
+* ``updaters``: the :class:`anystep.train.updater.Updater` list of one iteration;
+* ``name`` (the checkpoint's) and ``title`` (the progress bar's), ``shown`` (losses on the bar);
+* ``prepare_for_training(env)``: devices, attention kernels, FSDP2 -- then its updaters again;
+* ``save_folder(dest)``: the final diffusers folder from the EMA weights (one process), and
+  ``export_checkpoint(run_dir, dest)``: the same from the final checkpoint (rank 0 of a sharded run);
+* optionally ``extra_metrics(step)`` (logged when not empty), ``extra_state()`` / ``load_extra_state``
+  (tensors and JSON the checkpoint carries besides the updaters').
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from anystep.distributed import DistEnv, all_sum, autocast, current, global_mean, is_sharded, local_value
-from anystep.train.checkpoint import (
-    find_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    optimizer_state,
-    save_checkpoint,
-    trainable_tensors,
-)
-from anystep.train.common import EMA, JsonlLogger, warmup_lambda
+from anystep.distributed import current, global_mean, setup, shutdown
+from anystep.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from anystep.train.common import JsonlLogger
 from anystep.train.progress import Progress
-from anystep.train.runfolder import apply_resumed_hyperparams
 
 
-def step_generator(seed: int, step: int, micro: int = 0, stream: int = 0) -> torch.Generator:
-    """A CPU generator for one (micro-)step: identical on every rank and after any resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro * 97 + stream) % (2**63 - 1))
-
-
-@dataclass(frozen=True)
-class RankSlice:
-    """This rank's rows of the global batch.
-
-    Per-sample random numbers are drawn for the *whole* global batch from a generator every rank
-    shares, then sliced: N ranks then train on exactly the numbers one process would draw for the
-    same global batch (and one process draws what it always drew). Draws happen on the CPU, so they
-    are the same on every device; the caller moves them.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-
-    def take(self, values: torch.Tensor, local: int) -> torch.Tensor:
-        return values[self.rank * local : (self.rank + 1) * local]
-
-    def rand(self, gen: torch.Generator, local: int, dtype=torch.float32) -> torch.Tensor:
-        return self.take(torch.rand(local * self.world_size, generator=gen, dtype=dtype), local)
-
-    def randn(self, gen: torch.Generator, shape, dtype=torch.float32) -> torch.Tensor:
-        local = shape[0]
-        return self.take(torch.randn((local * self.world_size, *shape[1:]), generator=gen, dtype=dtype), local)
-
-
-class SlicedNoise:
-    """A noise source for rollouts (consistency re-noising): global draws, this rank's rows."""
-
-    def __init__(self, gen: torch.Generator, ranks: RankSlice):
-        self.gen, self.ranks = gen, ranks
-
-    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
-        return self.ranks.randn(self.gen, shape, dtype)
+def run_updates(updaters, step: int, accum: int, env, mixed_precision: bool) -> tuple[dict, dict]:
+    """One iteration: each updater's optimiser step in order. ``(losses and metrics, grad norms)``;
+    a single untagged updater logs ``loss`` / ``grad_norm``, tagged ones ``loss_<tag>`` /
+    ``grad_norm_<tag>`` and ``loss`` is the first one's."""
+    rec, norms = {}, {}
+    for u in updaters:
+        total, metrics, gn = u.step(step, accum, env, mixed_precision)
+        suffix = f"_{u.tag}" if u.tag else ""
+        rec.update({f"loss{suffix}": total, **metrics})
+        norms[f"grad_norm{suffix}"] = gn
+    if "loss" not in rec:
+        rec["loss"] = rec[f"loss_{updaters[0].tag}"]
+    return rec, norms
 
 
 class TrainLoop:
-    """Owns optimiser, scheduler, EMA and checkpoints for one trainable module.
+    """Steps ``method.updaters`` and owns the step counter, the log and the checkpoints."""
 
-    ``loss_fn(step, micro) -> (loss, metrics)`` computes one micro-batch's loss; the loop scales it
-    for accumulation, clips, steps, updates EMA, logs, and checkpoints. Under torchrun the module
-    is FSDP2-sharded (:func:`anystep.distributed.shard`): gradients are averaged over ranks, the
-    clip norm, EMA and checkpoint work on the shards, and rank 0 logs global means.
-    """
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        out: str | Path,
-        cfg,
-        *,
-        name: str = "train",
-        env: DistEnv | None = None,
-    ):
-        self.module = module
-        self.cfg = cfg
+    def __init__(self, method, env=None):
+        self.method, self.cfg = method, method.cfg
         self.env = env or current()
-        self.out = Path(out)
+        self.out = Path(self.cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("nothing to train: no parameter requires grad")
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(cfg.warmup))
-        self.ema = EMA(module, cfg.ema_decay, cfg.ema_start)
         self.step = 0
         self.logger = JsonlLogger(self.out / "metrics.jsonl" if self.env.is_main else None)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _tensors(self) -> dict:
-        return {
-            "model": trainable_tensors(self.module, self.params),
-            "optim": optimizer_state(self.module, self.opt),
-            "ema": self.ema.shadow,
-        }
+    @property
+    def accum(self) -> int:
+        return max(1, int(getattr(self.cfg, "grad_accum", 1)))
 
     def global_batch(self) -> int:
         """Samples per optimiser step over all ranks: a resume must keep it (the data position and
         the rank-sliced random draws are functions of it)."""
-        return int(self.cfg.batch_size) * self.env.world_size * max(1, int(getattr(self.cfg, "grad_accum", 1)))
+        return int(self.cfg.batch_size) * self.env.world_size * self.accum
+
+    def _tensors(self) -> dict:
+        out = {}
+        for u in self.method.updaters:
+            out.update(u.tensors())
+        extra = getattr(self.method, "extra_state", None)
+        return {**out, **(extra()[0] if extra else {})}
 
     def save(self) -> None:
-        meta = {"step": self.step, "config": asdict(self.cfg), "sched": self.sched.state_dict(), "name": self.name,
-                "global_batch": self.global_batch()}
+        """Collective: a DCP checkpoint of everything that moves."""
+        meta = {"step": self.step, "config": asdict(self.cfg), "name": self.method.name, "global_batch": self.global_batch()}
+        meta.update({u.keys[3]: u.sched.state_dict() for u in self.method.updaters})
+        extra = getattr(self.method, "extra_state", None)
+        meta.update(extra()[1] if extra else {})
         save_checkpoint(self.out, self._tensors(), meta)
 
     def maybe_resume(self) -> bool:
@@ -127,73 +84,31 @@ class TrainLoop:
             return False
         tensors = self._tensors()
         meta = load_checkpoint(self.out, tensors, expect_global_batch=self.global_batch())
-        load_optimizer_state(self.module, self.opt, tensors["optim"])
-        self.sched.load_state_dict(meta["sched"])
-        apply_resumed_hyperparams(self.opt, self.sched, [self.cfg.lr], self.cfg.betas, self.cfg.weight_decay)
+        for u in self.method.updaters:
+            u.load(tensors, meta)
+        if hasattr(self.method, "load_extra_state"):
+            self.method.load_extra_state(tensors, meta)
         self.step = int(meta["step"])
         return True
 
-    # -- the loop ------------------------------------------------------------------------------
-    def run(self, loss_fn: Callable[[int, int], tuple[torch.Tensor, dict]], steps: int, on_step=None) -> None:
-        cfg = self.cfg
-        accum = max(1, int(getattr(cfg, "grad_accum", 1)))
+    def run(self, steps: int) -> None:
+        cfg, method = self.cfg, self.method
+        mixed = bool(getattr(cfg, "mixed_precision", False))
         t0 = time.time()
-        progress = Progress(self.name, steps, self.step, enabled=self.env.is_main)
+        progress = Progress(method.title, steps, self.step, enabled=self.env.is_main, shown=method.shown)
         while self.step < steps:
-            total, metrics, gn = optimizer_step(self.module, self.params, self.opt, self.sched, loss_fn, self.step, accum,
-                                                cfg.grad_clip, self.env, getattr(cfg, "mixed_precision", False), "loss")
+            rec, norms = run_updates(method.updaters, self.step, self.accum, self.env, mixed)
             self.step += 1
-            self.ema.update(self.module, self.step)
-            progress.update(self.step, {"loss": total, **metrics})
-            if self.step % cfg.log_every == 0 or self.step == steps or self.step == 1:
-                lr = self.sched.get_last_lr()[0]
+            progress.update(self.step, {k: v for k, v in rec.items() if k.startswith("loss")})
+            extra = method.extra_metrics(self.step) if hasattr(method, "extra_metrics") else None
+            if extra or self.step % cfg.log_every == 0 or self.step == steps or self.step == 1:
+                lr = method.updaters[0].sched.get_last_lr()[0]
                 # "loss" is this step's (what resume and rank-parity checks compare); "*_mean" the window's.
-                rec = {"step": self.step, **global_mean({"loss": total, **metrics, **progress.window(self.step, lr)}),
-                       "grad_norm": gn, "lr": lr, "time": time.time() - t0}
-                if on_step is not None:
-                    rec.update(on_step(self.step) or {})
-                self.logger.log(rec)
+                self.logger.log({"step": self.step, **global_mean({**rec, **progress.window(self.step, lr)}), **norms,
+                                 "lr": lr, "time": time.time() - t0, **(extra or {})})
             if self.step % cfg.ckpt_every == 0 or self.step == steps:
                 self.save()
         progress.close(str(self.out / "checkpoint"))
-
-    def ema_module(self) -> torch.nn.Module:
-        return self.ema.ema_copy(self.module)
-
-
-def optimizer_step(module, params, opt, sched, loss_fn, step: int, accum: int, grad_clip: float, env: DistEnv | None,
-                   mixed_precision: bool, what: str) -> tuple[float, dict, float]:
-    """One optimiser update over ``accum`` micro-batches: ``(mean loss, mean metrics, grad norm)``.
-
-    Shared by every trainer. A sharded module reduce-scatters its gradients once, after the last
-    micro-batch; an unsharded one on CUDA computes under bf16 autocast (FSDP's policy casts a
-    sharded one); the clip norm is the global one (DTensor gradients).
-    """
-    sharded = is_sharded(module)
-    opt.zero_grad(set_to_none=True)
-    total, metrics = 0.0, {}
-    for micro in range(accum):
-        if sharded:
-            module.set_requires_gradient_sync(micro == accum - 1)
-        with autocast(env, mixed_precision and not sharded) if env is not None else contextlib.nullcontext():
-            loss, m = loss_fn(step, micro)
-        check_finite(loss, f"{what} at step {step}")
-        (loss / accum).backward()
-        total += loss.item() / accum
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v) / accum
-    gn = float(local_value(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return total, metrics, gn
-
-
-def check_finite(loss: torch.Tensor, what: str) -> None:
-    """Stop on a non-finite loss on *any* rank (every rank raises, none waits in a collective)."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach())) else 1.0])
-    if float(all_sum(bad)[0]) > 0:
-        raise FloatingPointError(f"non-finite {what} (value here: {loss.item()})")
 
 
 def write_resolved_config(out: Path, cfg) -> None:
@@ -202,20 +117,26 @@ def write_resolved_config(out: Path, cfg) -> None:
     (Path(out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
 
 
-def final_folder_from_checkpoint(run_dir) -> Path:
-    """Sharded runs: rank 0 writes ``<run>/model`` from the final checkpoint's EMA weights (the same
-    rebuild ``anystep export`` does, on one process).
+def run_method(method_cls, cfg) -> Path:
+    """Train (or resume) ``method_cls(cfg)`` and write ``<out>/model`` from the EMA weights.
 
-    The process group is torn down first: at 14B the rebuild takes long enough that ranks waiting
-    in a collective for it would hit the timeout, and it needs no other rank.
+    Sharded runs: rank 0 writes the folder from the final checkpoint after the process group is
+    torn down -- at 14B the rebuild takes long enough that ranks waiting for it in a collective
+    would hit the timeout, and it needs no other rank.
     """
-    from anystep.distributed import shutdown
-
-    env = current()
-    dest = Path(run_dir) / "model"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    env = setup()
+    method = method_cls(cfg, env.rank, env.world_size)
+    method.prepare_for_training(env)
+    loop = TrainLoop(method, env)
+    write_resolved_config(loop.out, cfg)
+    loop.maybe_resume()
+    loop.run(cfg.steps)
+    dest = loop.out / "model"
+    if not env.distributed:
+        return method.save_folder(dest)
     shutdown()
     if env.is_main:
-        from anystep.export import export_run
-
-        export_run(run_dir, dest)
+        method.export_checkpoint(loop.out, dest)
     return dest

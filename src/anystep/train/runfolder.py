@@ -20,8 +20,18 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from anystep.distributed import launched_world_size
 from anystep.errors import UserError
-from anystep.fsutil import has_entries, read_marker, release_lock, take_lock, write_marker
+from anystep.fsutil import (
+    atomic_write,
+    check_parent_writable,
+    has_entries,
+    read_marker,
+    release_lock,
+    take_lock,
+    write_marker,
+)
+from anystep.train.checkpoint import CHECKPOINT_DIR, missing_piece, read_meta, recover_interrupted_swap
 
 RUN_KIND = "run"
 # Changing these on resume is what resuming is for (a longer run, other logging); the run honours them.
@@ -39,52 +49,24 @@ class RunState:
     model: Path | None = None
 
 
-def _method_name(method: str, cfg) -> str:
-    """The ``name`` the method's checkpoints record (see each trainer's ``save``)."""
-    if method == "stage1":
-        return f"stage1:{cfg.method}"
-    return method
-
-
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
 def _previous(method: str, out: Path) -> tuple[dict | None, int]:
     """(config the checkpoint was written with, its step); (None, 0) without a checkpoint."""
-    if method == "teacher":
-        ckpt = out / "checkpoint.pt"
-        if (out / "checkpoint").is_dir():
-            raise UserError(f"out={out} holds a distilled-model run (checkpoint/), not a teacher run; use another out=")
-        if not ckpt.is_file():
-            return None, 0
-        import torch
-
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            step = int(state["step"])
-        except Exception as e:  # a damaged pickle raises anything
-            raise UserError(f"{ckpt} cannot be read ({type(e).__name__}); move it away to start over") from None
-        try:
-            config = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        return config, step
-    from anystep.train.checkpoint import CHECKPOINT_DIR, recover_interrupted_swap
-
     if (out / "checkpoint.pt").is_file():
-        raise UserError(f"out={out} holds a teacher run (checkpoint.pt), not a {method} run; use another out=")
+        raise UserError(f"out={out} holds a teacher run of an older anystep (checkpoint.pt), whose format is no longer "
+                        "read; use another out=")
     recover_interrupted_swap(out)
     ckpt = out / CHECKPOINT_DIR
     if not ckpt.exists():
         return None, 0
-    from anystep.train.checkpoint import missing_piece
 
     missing = missing_piece(ckpt)
     if missing is not None:
         raise UserError(f"the checkpoint in {ckpt} is incomplete or damaged ({missing}); it is not restarted over: "
                         f"move {ckpt} away to start from step 0, or use another out=")
-    from anystep.train.checkpoint import read_meta
 
     meta = read_meta(out)
     return meta, int(meta.get("step", 0))
@@ -120,8 +102,6 @@ def cut_metrics(path: Path, step: int) -> None:
         else:
             cut = True
     if cut:
-        from anystep.train.common import atomic_write
-
         atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep)), binary=False)
 
 
@@ -135,7 +115,6 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
     if not created and has_entries(out) and not _is_ours(out):
         raise UserError(f"out={out} is a non-empty folder that is not an anystep run; it is left as it is: "
                         "choose a new or empty out=")
-    from anystep.fsutil import check_parent_writable
 
     check_parent_writable(out / "x", "out=")
     out.mkdir(parents=True, exist_ok=True)
@@ -145,16 +124,12 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
         meta, step = _previous(method, out)
         state = RunState(out=out, step=step)
         if meta is not None:
-            if method != "teacher":
-                name = meta.get("name")
-                if name is not None and name != _method_name(method, cfg):
-                    raise UserError(f"out={out} holds a {name!r} checkpoint, not {_method_name(method, cfg)!r}; "
-                                    "use another out=")
-                old_cfg = meta.get("config") or {}
-            else:
-                old_cfg = meta
+            name = meta.get("name")
+            if name is not None and name.split(":")[0] != method:
+                raise UserError(f"out={out} holds a {name!r} checkpoint, not {method!r}; use another out=")
+            old_cfg = meta.get("config") or {}
             changed = _changed(old_cfg, asdict(cfg))
-            _check_global_batch(out, method, meta, cfg, changed)
+            _check_global_batch(out, meta, cfg)
             refused = sorted(k for k in changed if k not in FREE_ON_RESUME | BATCH_KEYS and k not in allow_changed)
             if refused:
                 raise UserError(f"resuming {out} with changed settings: {_describe(changed, refused)}; "
@@ -178,15 +153,7 @@ def claim_run_folder(method: str, cfg, allow_changed=()):
             release_lock(lock)
 
 
-def _check_global_batch(out: Path, method: str, meta: dict, cfg, changed: dict) -> None:
-    if method == "teacher":  # one process: the batch itself is the global batch
-        fixed = sorted(k for k in changed if k in BATCH_KEYS)
-        if fixed:
-            raise UserError(f"resuming {out} with another {', '.join(fixed)} is not possible (it fixes which data and "
-                            f"noise every step sees): {_describe(changed, fixed)}")
-        return
-    from anystep.distributed import launched_world_size
-
+def _check_global_batch(out: Path, meta: dict, cfg) -> None:
     want = meta.get("global_batch")
     have = int(cfg.batch_size) * launched_world_size() * max(1, int(getattr(cfg, "grad_accum", 1)))
     if want is not None and int(want) != have:

@@ -22,12 +22,13 @@ on-policy configs do (``bidirectional_modeling_prob: 0``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.flow.matching import per_sample_mse, training_sigma, velocity_target
+from anystep.flow.schedule import add_noise
 from anystep.flow.stage1 import (
     ADAPTIVE_ORDERS,
     SAMPLE_BOUNDARY,
@@ -41,10 +42,19 @@ from anystep.flow.stage1 import (
     sample_types,
     weighted_stage1_loss,
 )
+from anystep.data.shards import training_batches
 from anystep.distributed import all_sum
-from anystep.train.common import logit_normal_sigma
-from anystep.train.loop import RankSlice
 from anystep.models.card import training_rows
+from anystep.models.far_train import far_flow_map_velocity
+from anystep.models.lora import REFERENCE_LORA_TARGETS
+from anystep.models.velocity import flow_map_velocity, teacher_velocity
+from anystep.train.loop import run_method
+from anystep.train.registry import MethodInfo
+from anystep.train.student import StudentSpec, build_student, is_wan, load_trained_student, prepare_student, save_student
+from anystep.train.updater import RankSlice, Updater, step_generator
+
+#: Causal students: the share of steps whose chunk count is drawn from U[min_chunks, n] (reference recipe).
+CHUNK_SAMPLE_PROB = 0.5
 
 
 @dataclass
@@ -58,7 +68,7 @@ class Stage1Config:
     causal: bool = False  # AnyFlow-FAR student (clean-context teacher forcing over the chunk partition)
     chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3)
     min_chunks: int = 3  # causal: with prob chunk_sample_prob the chunk count is U[min_chunks, n], else min_chunks
-    chunk_sample_prob: float = 0.5
+    chunk_sample_prob: float = CHUNK_SAMPLE_PROB
     bidirectional_aux_prob: float = 0.1  # causal: extra flow-matching pass over the whole clip, one chunk
     bidirectional_aux_fused: bool = True  # the aux pass guidance-fused at `guidance` (reference); False: unguided
     steps: int = 600
@@ -85,14 +95,13 @@ class Stage1Config:
     gate_value: float = 0.25
     lora_rank: int = 0  # 0 = full fine-tune
     lora_alpha: int = 0
-    lora_targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+    lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
     threads: int = 0
     gradient_checkpointing: bool = False
     mixed_precision: bool = True  # bf16 compute with fp32 master weights and reductions, CUDA only
-    extra: dict = field(default_factory=dict)
 
 
 def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, cfg: Stage1Config,
@@ -114,7 +123,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
     t, r, types = ranks.take(t, b).to(dev), ranks.take(r, b).to(dev), ranks.take(types, b).to(dev)
     e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
-    v = e - x
+    v = velocity_target(x, e)
     is_b = types == SAMPLE_BOUNDARY
 
     u_c = net(z, t, r, cond, x).float()
@@ -122,7 +131,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
 
     fd = ~is_b  # (t - r) du/dt vanishes on the boundary: skip those finite-difference points
     with torch.no_grad():
-        v_full = e[fd] - x[fd]
+        v_full = velocity_target(x[fd], e[fd])
         zp, zm, tp, tm = finite_difference_inputs(z[fd], v_full, t[fd], cfg.fd_eps)
         out = net(
             torch.cat([z, zp, zm]),
@@ -139,7 +148,7 @@ def flowmap_loss(net, x: torch.Tensor, cond: torch.Tensor, null: torch.Tensor, c
         u_tgt = flow_map_target(v.float(), dudt, t, r)
 
     u = guidance_fused_velocity(u_c, u_null, cfg.guidance)
-    per = (u - u_tgt).pow(2).flatten(1).mean(1)
+    per = per_sample_mse(u, u_tgt)
     base = adaptive_base_loss(per.detach(), w_t, cfg.adaptive_order)
     mu, loss_b, loss_g = _boundary_stats(base, per.detach(), is_b, ranks, reduce)
     loss = weighted_stage1_loss(per, w_t, is_b, cfg.adaptive_order, cfg.adaptive_c, boundary_mean=mu,
@@ -176,7 +185,7 @@ def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generat
     pass, as the causal auxiliary pass does in the reference; None trains the plain prediction.
     """
     b, dev = x.shape[0], x.device
-    t = ranks.take(shift_sigma(logit_normal_sigma(b * ranks.world_size, generator=gen), cfg.shift), b).to(dev)
+    t = ranks.take(training_sigma(b * ranks.world_size, cfg.shift, gen), b).to(dev)
     e = ranks.randn(gen, x.shape, x.dtype).to(dev)
     z = add_noise(x, e, t)
     u = net(z, t, t, cond, x).float()
@@ -184,87 +193,38 @@ def flow_matching_loss(net, x, cond, null, cfg: Stage1Config, gen: torch.Generat
         with torch.no_grad():
             u_null = net(z, t, t, null, x).float()
         u = guidance_fused_velocity(u, u_null, fused_guidance)
-    v = (e - x)[:, x.shape[1] - u.shape[1] :]
-    per = (u - v.float()).pow(2).flatten(1).mean(1)
-    return per.mean(), {}
+    v = velocity_target(x, e)[:, x.shape[1] - u.shape[1] :]
+    return per_sample_mse(u, v).mean(), {}
 
 
-class Stage1Method:
-    """Builds the student and the per-micro-step loss closure the shared loop calls."""
+def chunk_count(n_chunks: int, min_chunks: int, sample_prob: float, gen: torch.Generator) -> int:
+    """Causal recipe: with prob ``sample_prob`` U[min_chunks, n_chunks], else min_chunks."""
+    if float(torch.rand((), generator=gen)) < sample_prob:
+        return int(torch.randint(min_chunks, n_chunks + 1, (), generator=gen))
+    return min_chunks
 
-    def __init__(self, cfg: Stage1Config, rank: int = 0, world_size: int = 1):
-        from anystep.data.shards import training_batches
-        from anystep.models.students import flow_map_velocity, student_from_teacher
-        from anystep.sampling import load_model
 
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+class Stage1Loss:
+    """Stage 1's objective on a given micro-batch, for any student module: Algorithm 1, or plain flow
+    matching (``cfg.method``), with prompt dropout and, for a causal student, the chunk-count
+    sampling and the auxiliary bidirectional pass. Stage 2 co-trains with it on its own batch."""
+
+    def __init__(self, cfg: Stage1Config, student, data, wan: bool = False, ranks: RankSlice = RankSlice()):
         if cfg.adaptive_order not in ADAPTIVE_ORDERS:  # fail at start-up, not at the first step
             raise ValueError(f"adaptive_order must be one of {ADAPTIVE_ORDERS}, got {cfg.adaptive_order!r}")
-        src = load_model(cfg.init or cfg.teacher)
-        self.pipe = src.pipe
-        self.wan = src.kind == "teacher" and cfg.method == "flow_matching" and not cfg.causal
-        if self.wan:
-            # Plain flow matching of a Wan teacher is the teacher fine-tune / Table 2 baseline: train
-            # the Wan network itself, so the result is a teacher folder sampled with Euler + CFG.
-            student = src.transformer
-        elif src.kind == "teacher":
-            student = student_from_teacher(
-                src.transformer, causal=cfg.causal, gate_value=cfg.gate_value,
-                chunk_partition=tuple(cfg.chunk_partition) if cfg.causal else None,
-            )
-        elif src.kind in ("anyflow", "anyflow_far"):
-            if (src.kind == "anyflow_far") != cfg.causal:
-                raise ValueError(f"{cfg.init}: a {src.kind} folder does not fit causal={cfg.causal}")
-            student = src.transformer
-        else:
-            raise ValueError(f"cannot start Stage 1 from a {src.kind} folder")
-        if cfg.timestep_cond == "zero_init" and not self.wan:
-            _zero_init_delta(student)
-        elif cfg.timestep_cond != "interpolated":
-            raise ValueError(f"timestep_cond must be 'interpolated' or 'zero_init', got {cfg.timestep_cond!r}")
-        self.student = student.float().train()
-        self.pipe.text_encoder.requires_grad_(False)
-        if cfg.lora_rank > 0:
-            from anystep.models.lora import add_student_lora
-
-            add_student_lora(self.student, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, list(cfg.lora_targets))
-        if cfg.causal:
-            from anystep.models.far_train import far_attention_for_device
-            from anystep.models.students import check_chunk_partition
-
-            from anystep.models.latents import temporal_factor
-
-            check_chunk_partition(cfg.chunk_partition, cfg.num_frames, temporal_factor(self.pipe.vae))
-            if len(cfg.chunk_partition) < cfg.min_chunks:
-                raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
-            far_attention_for_device(self.student, next(self.student.parameters()).device)
-        elif self.wan:
-            from anystep.models.students import teacher_velocity
-
-            self.net = lambda z, t, r, emb, clean: teacher_velocity(self.student, z, t, emb)
-        else:
-            self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
-        self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
-        self.device = torch.device("cpu")  # set by prepare_for_training on a GPU
+        if cfg.method not in ("flowmap", "flow_matching"):
+            raise ValueError(f"method must be 'flowmap' or 'flow_matching', got {cfg.method!r}")
+        if cfg.causal and len(cfg.chunk_partition) < cfg.min_chunks:
+            raise ValueError(f"chunk_partition {list(cfg.chunk_partition)} has fewer than min_chunks={cfg.min_chunks} chunks")
+        self.cfg, self.student, self.data, self.ranks = cfg, student, data, ranks
+        self.device = torch.device("cpu")  # the student's, set by the method's prepare_for_training
         self.reduce = all_sum  # sums Eq. 7's boundary statistics over ranks
-
-    def prepare_for_training(self, env) -> None:
-        """Move the student to this rank's device, switch on gradient checkpointing, shard (FSDP2)."""
-        from anystep.distributed import shard
-
-        self.device = env.device
-        self.student.to(env.device)
-        if self.cfg.causal:  # flex attention on CUDA, the dense fallback on CPU: pick for the new device
-            from anystep.models.far_train import far_attention_for_device
-
-            far_attention_for_device(self.student, env.device)
-        if self.cfg.gradient_checkpointing:
-            self.student.enable_gradient_checkpointing()
-        shard(self.student, env, mixed_precision=self.cfg.mixed_precision)
+        if wan:
+            self.net = lambda z, t, r, emb, clean: teacher_velocity(self.student, z, t, emb)
+        elif not cfg.causal:
+            self.net = lambda z, t, r, emb, clean: flow_map_velocity(self.student, z, t, r, emb)
 
     def _causal_net(self, partition, teacher_forcing: bool = True):
-        from anystep.models.far_train import far_flow_map_velocity
-
         def net(z, t, r, emb, clean):
             return far_flow_map_velocity(
                 self.student, z, t, r, emb, partition, clean_latents=clean if teacher_forcing else None
@@ -272,23 +232,10 @@ class Stage1Method:
 
         return net
 
-    def chunk_count(self, gen: torch.Generator) -> int:
-        """Causal recipe: with prob ``chunk_sample_prob`` U[min_chunks, n_chunks], else min_chunks."""
-        n = len(self.cfg.chunk_partition)
-        if float(torch.rand((), generator=gen)) < self.cfg.chunk_sample_prob:
-            return int(torch.randint(self.cfg.min_chunks, n + 1, (), generator=gen))
-        return self.cfg.min_chunks
-
-    @property
-    def ranks(self) -> RankSlice:
-        return RankSlice(self.rank, self.world_size)
-
-    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
-        from anystep.train.loop import step_generator
-
+    def __call__(self, batch, step: int, micro: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         gen = step_generator(cfg.seed, step, micro)
-        x, prompts = self.data.batch(step, cfg.batch_size, micro, cfg.grad_accum, self.rank, self.world_size)
+        x, prompts = batch
         drop = self.ranks.rand(gen, len(prompts)) < cfg.null_prob
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         cond, null = self.data.embed(prompts).to(self.device), self.data.null(len(prompts)).to(self.device)
@@ -298,7 +245,7 @@ class Stage1Method:
         if cfg.causal:
             # Chunk count and the auxiliary pass are drawn from a stream shared by all ranks.
             shared = step_generator(cfg.seed, step, micro, stream=1)
-            k = self.chunk_count(shared)
+            k = chunk_count(len(cfg.chunk_partition), cfg.min_chunks, cfg.chunk_sample_prob, shared)
             part = tuple(cfg.chunk_partition[:k])
             if float(torch.rand((), generator=shared)) < cfg.bidirectional_aux_prob:
                 # The whole clip, not the sampled chunk prefix: the reference runs this pass on
@@ -311,11 +258,9 @@ class Stage1Method:
         if cfg.method == "flow_matching":
             loss, m = flow_matching_loss(net, x, cond, null, cfg, gen, self.ranks)
             return (loss + aux if aux is not None else loss), m
-        if cfg.method != "flowmap":
-            raise ValueError(f"method must be 'flowmap' or 'flow_matching', got {cfg.method!r}")
         # The split is by position in the *global* batch; a rank's slice may hold no boundary
         # sample, and Eq. 7's mu then comes from the other ranks' (see flowmap_loss).
-        types = sample_types(cfg.batch_size * self.world_size, cfg.boundary_frac, cfg.zero_frac)
+        types = sample_types(cfg.batch_size * self.ranks.world_size, cfg.boundary_frac, cfg.zero_frac)
         loss, m = flowmap_loss(net, x, cond, null, cfg, gen, types, self.ranks, self.reduce)
         if aux is not None:
             m["loss_bidirectional_aux"] = aux.item()
@@ -323,51 +268,57 @@ class Stage1Method:
         return loss, m
 
 
-def _zero_init_delta(student) -> None:
-    """Ablation: the prior-work conditioning emb(t) + emb'(t - r) with emb' starting at zero output.
+def student_spec(cfg: Stage1Config) -> StudentSpec:
+    return StudentSpec(source=cfg.init or cfg.teacher, causal=cfg.causal, chunk_partition=tuple(cfg.chunk_partition),
+                       num_frames=cfg.num_frames, train_wan=cfg.method == "flow_matching", gate_value=cfg.gate_value,
+                       timestep_cond=cfg.timestep_cond, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                       lora_targets=tuple(cfg.lora_targets))
 
-    diffusers' mixture is (1 - gate) emb(t) + gate emb'(.); gate 0.5 with both halves doubled is
-    exactly emb(t) + emb'(t - r). emb' is zero-initialised at its output layer.
-    """
-    ce = student.condition_embedder
-    ce.deltatime_type = "t-r"
-    ce.delta_emb_gate.fill_(0.5)
-    with torch.no_grad():
-        ce.time_embedder.linear_2.weight.mul_(2.0)
-        ce.time_embedder.linear_2.bias.mul_(2.0)
-        ce.delta_embedder.linear_2.weight.zero_()
-        ce.delta_embedder.linear_2.bias.zero_()
-    student.register_to_config(gate_value=0.5, deltatime_type="t-r")
+
+class Stage1Method:
+    """Stage 1 (or plain flow matching) of one student: one updater over the student."""
+
+    weights = ("model", "ema")  # checkpoint keys of the student's tensors and their EMA
+
+    def __init__(self, cfg: Stage1Config, rank: int = 0, world_size: int = 1):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.name = self.title = f"stage1:{cfg.method}"
+        self.shown = ("loss",)
+        self.student, self.pipe = build_student(student_spec(cfg))
+        self.wan = is_wan(self.student, self.pipe)
+        self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
+        self.objective = Stage1Loss(cfg, self.student, self.data, self.wan, RankSlice(rank, world_size))
+        self.updaters = [Updater.from_config(self.student, self.loss, cfg)]
+
+    @staticmethod
+    def sampler(cfg: Stage1Config) -> str:
+        # A student trained by flow matching alone (the causal Table 2 baseline) knows only r = t.
+        return "euler_cfg" if cfg.method == "flow_matching" else "flowmap"
+
+    def prepare_for_training(self, env) -> None:
+        prepare_student(self.student, env, self.cfg)
+        self.objective.device = env.device
+        self.updaters = [Updater.from_config(self.student, self.loss, self.cfg)]
+
+    def batch(self, step: int, micro: int):
+        return self.data.batch(step, self.cfg.batch_size, micro, self.cfg.grad_accum, self.rank, self.world_size)
+
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        return self.objective(self.batch(step, micro), step, micro)
+
+    def save_folder(self, dest) -> Path:
+        final = self.updaters[0].ema.ema_copy(self.student)
+        return save_student(dest, final, self.pipe, shift=self.cfg.shift, sampler=self.sampler(self.cfg), wan=self.wan,
+                            training=training_rows(self.cfg, "stage1"), lora=self.cfg.lora_rank > 0)
+
+    def export_checkpoint(self, run_dir, dest) -> Path:
+        module, pipe = load_trained_student(run_dir, student_spec(self.cfg), self.weights)
+        return save_student(dest, module, pipe, shift=self.cfg.shift, sampler=self.sampler(self.cfg),
+                            wan=is_wan(module, pipe), training=training_rows(self.cfg, "stage1"), lora=self.cfg.lora_rank > 0)
 
 
 def train_stage1(cfg: Stage1Config) -> Path:
-    from anystep.distributed import setup
-    from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import TrainLoop, final_folder_from_checkpoint, write_resolved_config
+    return run_method(Stage1Method, cfg)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    env = setup()
-    method = Stage1Method(cfg, env.rank, env.world_size)
-    method.prepare_for_training(env)
-    loop = TrainLoop(method.student, cfg.out, cfg, name=f"stage1:{cfg.method}", env=env)
-    write_resolved_config(Path(cfg.out), cfg)
-    loop.maybe_resume()
-    loop.run(method.loss, cfg.steps)
-    if env.distributed:
-        return final_folder_from_checkpoint(cfg.out)
-    final = loop.ema_module().eval()
-    if cfg.lora_rank > 0:
-        from anystep.models.lora import merge_student_lora
 
-        final = merge_student_lora(final)
-    pipe = method.pipe
-    if method.wan:
-        from anystep.models.folders import save_teacher_folder
-
-        return save_teacher_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae, shift=cfg.shift,
-                                   training=training_rows(cfg, "stage1"))
-    # A student trained by flow matching alone (the causal Table 2 baseline) knows only r = t.
-    sampler = "euler_cfg" if cfg.method == "flow_matching" else "flowmap"
-    return save_anyflow_folder(Path(cfg.out) / "model", final, pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler=sampler, training=training_rows(cfg, "stage1"))
+METHOD = MethodInfo(Stage1Config, Stage1Method, train_stage1, "stage-1 model", student_spec)

@@ -25,7 +25,7 @@ score) is a LoRA on the teacher, so it starts equal to the teacher and tracks th
 distribution; the real score is the same network with the adapters switched off.
 
 Both optimisers: AdamW lr 2e-6, betas (0.0, 0.999), clip 1.0; EMA 0.99 after 200 updates for the
-student and the critic. Randomness comes from :func:`anystep.train.loop.step_generator`: the
+student and the critic. Randomness comes from :func:`anystep.train.updater.step_generator`: the
 choices every rank must agree on (s, g / k, the DMD sigmas, the critic's t, Stage 1's chunk count)
 from streams shared by all ranks, the noise from per-rank streams -- so a resumed run draws
 exactly what an uninterrupted one would have. Checkpoints are atomic and hold the student, the
@@ -34,44 +34,44 @@ written as a diffusers ``AnyFlowPipeline`` / ``AnyFlowFARPipeline`` folder.
 
 Under torchrun the student and the teacher / critic are FSDP2-sharded
 (:func:`anystep.distributed.shard`); every per-sample random number is drawn for the global batch
-and sliced (:class:`anystep.train.loop.RankSlice`), so N ranks reproduce one process's run at the
+and sliced (:class:`anystep.train.updater.RankSlice`), so N ranks reproduce one process's run at the
 same global batch. Checkpoints are DCP folders, resumable at any world size.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from anystep.flow.schedule import add_noise, shift_sigma
+from anystep.data.shards import training_batches
+from anystep.distributed import shard
+from anystep.flow.matching import per_sample_mse, training_sigma, velocity_target, x0_from_velocity
+from anystep.flow.schedule import add_noise
 from anystep.flow.stage2 import (
     REFERENCE_STEP_BUDGETS,
     dmd_gradient,
     dmd_loss,
     dmd_renoise_sigma,
     sample_budget_and_index,
-    x0_from_velocity,
 )
-from anystep.distributed import global_mean, setup
-from anystep.train.checkpoint import (
-    find_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    optimizer_state,
-    save_checkpoint,
-    trainable_tensors,
-)
-from anystep.train.common import EMA, JsonlLogger, logit_normal_sigma, warmup_lambda
-from anystep.train.progress import Progress
-from anystep.train.loop import RankSlice, SlicedNoise, optimizer_step
 from anystep.models.card import training_rows
-
-LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+from anystep.models.causal_state import prepare_far_for_rollout
+from anystep.models.loaded import load_model
+from anystep.models.lora import REFERENCE_LORA_TARGETS, add_student_lora
+from anystep.models.velocity import teacher_velocity
+from anystep.rollout import consistency_backward_simulation, flowmap_backward_simulation
+from anystep.train.loop import run_method, run_updates
+from anystep.train.real_score import check_real_score, empirical_real_score
+from anystep.train.registry import MethodInfo
+from anystep.train.stage1 import Stage1Config, Stage1Loss
+from anystep.train.stage1 import student_spec as stage1_student_spec
+from anystep.train.student import build_student, load_trained_student, prepare_student, save_student
+from anystep.train.updater import RankSlice, SlicedNoise, Updater, step_generator
 
 # step_generator streams. Stage1Method uses 0 (its own draws) and 1 (causal chunk count); ours
 # stay below 97 so (micro, stream) pairs never collide within a step.
@@ -99,7 +99,7 @@ class Stage2Config:
     shift: float = 5.0
     real_guidance: float = 3.0  # real score v_c + w (v_c - v_u); w = 3 is CFG 4 in the usual form
     # "teacher": the teacher folder's network (the paper); "empirical": the exact flow of the toy
-    # world's training clips (anystep.flow.empirical), a real score with clean converged samples.
+    # world's training clips (anystep.train.real_score), a real score with clean converged samples.
     # Either way the critic and the student start from the teacher folder's network.
     real_score: str = "teacher"
     real_score_clips: int = 64  # empirical: training clips per prompt in its clip set
@@ -109,11 +109,11 @@ class Stage2Config:
     # critic = LoRA on the teacher (rank 0: a full copy of the teacher, fully trained)
     critic_lora_rank: int = 256
     critic_lora_alpha: int = 256
-    critic_lora_targets: tuple[str, ...] = LORA_TARGETS
+    critic_lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     # student LoRA (0 = full fine-tune), as in Stage 1
     lora_rank: int = 0
     lora_alpha: int = 0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     lr: float = 2e-6
     critic_lr: float = 2e-6
     betas: tuple[float, float] = (0.0, 0.999)
@@ -130,30 +130,6 @@ class Stage2Config:
     mixed_precision: bool = True  # bf16 compute with fp32 master weights and reductions, CUDA only
 
 
-def check_real_score(kind: str, data: str) -> bool:
-    """True for ``empirical``, False for ``teacher``; a ConfigError for anything it cannot be."""
-    from anystep.config import ConfigError
-
-    if kind not in ("teacher", "empirical"):
-        raise ConfigError(f"config key 'real_score' must be one of teacher, empirical, got {kind!r}")
-    if kind == "empirical" and data != "moving_digits":
-        raise ConfigError(f"real_score: empirical is the exact flow of the toy world's clips; it needs data: "
-                          f"moving_digits, got {data!r}")
-    return kind == "empirical"
-
-
-def empirical_real_score(kind: str, data: str, vae, num_frames: int, clips_per_prompt: int):
-    """The :class:`~anystep.flow.empirical.EmpiricalFlow` a ``real_score: empirical`` run distils
-    from (None for ``teacher``): the toy world's clips, in the student folder's latent space. Its
-    clip set does not follow the run's seed: the real score is one fixed teacher for every run."""
-    if not check_real_score(kind, data):
-        return None
-    from anystep.data.moving_digits import WorldConfig
-    from anystep.flow.empirical import EmpiricalFlow
-
-    return EmpiricalFlow.cached(vae, WorldConfig(num_frames=num_frames), clips_per_prompt)
-
-
 def _student_partition(folder) -> tuple[int, ...]:
     cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
     part = cfg.get("chunk_partition")
@@ -162,30 +138,33 @@ def _student_partition(folder) -> tuple[int, ...]:
     return tuple(int(c) for c in part)
 
 
-class _GivenBatch:
-    """Stands in for ``ToyBatches`` inside the co-trained Stage1Method: ``batch()`` returns the
-    generator step's own batch, so the Stage-1 loss sees the same clips and prompts."""
+def stage1_config(cfg: Stage2Config) -> Stage1Config:
+    """The co-trained Stage-1 objective's config; its student spec is the Stage-2 student's."""
+    part = tuple(cfg.chunk_partition) or (_student_partition(cfg.student) if cfg.causal else ())
+    s1 = dict(
+        teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", data=cfg.data, num_frames=cfg.num_frames,
+        causal=cfg.causal, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
+    )
+    if cfg.causal:
+        # The reference's on-policy configs set bidirectional_modeling_prob: 0, so the co-trained
+        # term has no auxiliary bidirectional pass; stage1={"bidirectional_aux_prob": 0.1} keeps it.
+        s1.update(chunk_partition=part, min_chunks=min(3, len(part)), bidirectional_aux_prob=0.0)
+    s1.update(cfg.stage1)
+    return Stage1Config(**s1)
 
-    def __init__(self, data):
-        self._data = data
-        self.current = None
 
-    def batch(self, *args, **kwargs):
-        if self.current is None:
-            raise RuntimeError("no batch handed to the co-trained Stage-1 loss")
-        return self.current
-
-    def __getattr__(self, name):  # embed, null, world, ...
-        return getattr(self._data, name)
+def student_spec(cfg: Stage2Config):
+    return stage1_student_spec(stage1_config(cfg))
 
 
-class Stage2Trainer:
-    """Student, teacher, critic, their optimisers and EMAs, and one Stage-2 iteration."""
+class Stage2Method:
+    """Student, teacher and critic, and Algorithm 2's two updaters: generator, then critic."""
+
+    weights = ("student", "ema_g")  # checkpoint keys of the student's tensors and their EMA
 
     def __init__(self, cfg: Stage2Config, rank: int = 0, world_size: int = 1):
-        from anystep.sampling import load_model
-        from anystep.train.stage1 import Stage1Config, Stage1Method
-
         if cfg.rollout not in ("flowmap", "consistency"):
             raise ValueError(f"rollout must be 'flowmap' or 'consistency', got {cfg.rollout!r}")
         if cfg.grad_accum < 1 or cfg.batch_size < 1:
@@ -194,30 +173,18 @@ class Stage2Trainer:
             raise ValueError(f"step_budgets must be integers >= 1, got {list(cfg.step_budgets)}")
         check_real_score(cfg.real_score, cfg.data)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.name, self.title, self.shown = "stage2", f"stage2:{cfg.rollout}", ("loss_dmd", "loss_critic")
+        self.ranks = RankSlice(rank, world_size)
+        self.device = torch.device("cpu")
+        self.env = None
         torch.manual_seed(cfg.seed)  # LoRA initialisation: identical runs, identical adapters
 
-        part = tuple(cfg.chunk_partition) or (_student_partition(cfg.student) if cfg.causal else ())
-        s1 = dict(
-            teacher=cfg.teacher, init=cfg.student, out=cfg.out, method="flowmap", data=cfg.data, num_frames=cfg.num_frames,
-            causal=cfg.causal, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, shift=cfg.shift,
-            lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=tuple(cfg.lora_targets), seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision,
-        )
+        s1 = stage1_config(cfg)
+        self.partition = tuple(s1.chunk_partition) if cfg.causal else ()
+        self.student, self.pipe = build_student(stage1_student_spec(s1))
+        self.data = training_batches(self.pipe, cfg.data, cfg.num_frames, cfg.seed)
+        self.stage1 = Stage1Loss(s1, self.student, self.data, ranks=self.ranks)
         if cfg.causal:
-            # The reference's on-policy configs set bidirectional_modeling_prob: 0, so the co-trained
-            # term has no auxiliary bidirectional pass; stage1={"bidirectional_aux_prob": 0.1} keeps it.
-            s1.update(chunk_partition=part, min_chunks=min(3, len(part)), bidirectional_aux_prob=0.0)
-        s1.update(cfg.stage1)
-        self.stage1 = Stage1Method(Stage1Config(**s1), rank, world_size)
-        self.data = self.stage1.data
-        self.stage1.data = self._given = _GivenBatch(self.data)
-        self.student = self.stage1.student
-        self.pipe = self.stage1.pipe
-        self.partition = part
-        if cfg.causal:
-            from anystep.rollout.flowmap import prepare_far_for_rollout
-
-            # (Stage1Method has checked that the partition covers the clip's latent frames.)
             prepare_far_for_rollout(self.student)
 
         src = load_model(cfg.teacher)
@@ -225,40 +192,35 @@ class Stage2Trainer:
             raise ValueError(f"{cfg.teacher}: the real score must be a Wan teacher folder, got a {src.kind} folder")
         self.teacher = src.transformer.float().eval().requires_grad_(False)
         if cfg.critic_lora_rank > 0:
-            from anystep.models.lora import add_student_lora
-
             # One network, two scores: the base weights are the teacher (real score, adapters
             # off), base + LoRA is the critic (fake score). Saves a copy of the teacher.
             add_student_lora(self.teacher, cfg.critic_lora_rank, cfg.critic_lora_alpha or cfg.critic_lora_rank,
                              list(cfg.critic_lora_targets), train_embedders=False)
             self.critic = self.teacher
         else:
-            import copy
-
             self.critic = copy.deepcopy(self.teacher).requires_grad_(True)
+        # The real score's seam: ``real_velocity(z, sigma, cond_embeds, null_embeds, prompts) ->
+        # guided v`` (sigmas per sample, AnyFlow layout, no gradient). Any velocity field of the
+        # teacher's latent space can stand here; real_score: empirical puts the toy world's exact flow.
+        self.real_velocity = self.teacher_real_velocity
+        self.empirical = empirical_real_score(cfg.real_score, cfg.data, self.pipe.vae, cfg.num_frames, cfg.real_score_clips)
+        if self.empirical is not None:
+            self.real_velocity = self.empirical_real_velocity
+        self._build_updaters()
 
-        self.empirical = empirical_real_score(cfg.real_score, cfg.data, self.pipe.vae, cfg.num_frames,
-                                              cfg.real_score_clips)
-        self._build_optimisers()
-        self.step = 0
-        self.out = Path(cfg.out)
-        self.device = torch.device("cpu")
-        self.env = None
+    @staticmethod
+    def sampler(cfg: Stage2Config) -> str:
+        # A consistency-trained student is served by the consistency sampler (Table 2 baselines).
+        return "consistency" if cfg.rollout == "consistency" else "flowmap"
 
-    def _build_optimisers(self) -> None:
-        """Optimisers, schedulers and EMAs over the current parameters (rebuilt after sharding, whose
-        DTensor parameters replace the plain ones)."""
-        cfg = self.cfg
-        self.student_params = [p for p in self.student.parameters() if p.requires_grad]
-        self.critic_params = [p for p in self.critic.parameters() if p.requires_grad]
-        if not self.student_params or not self.critic_params:
-            raise ValueError("nothing to train: the student or the critic has no trainable parameter")
-        self.opt_g = torch.optim.AdamW(self.student_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warmup_lambda(cfg.warmup))
-        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, warmup_lambda(cfg.warmup))
-        self.ema_g = EMA(self.student, cfg.ema_decay, cfg.ema_start)
-        self.ema_c = EMA(self.critic, cfg.ema_decay, cfg.ema_start)
+    def _build_updaters(self) -> None:
+        """Over the current parameters (rebuilt after sharding, whose DTensors replace the plain ones)."""
+        self.updaters = [
+            Updater.from_config(self.student, self.generator_update_loss, self.cfg, tag="generator",
+                                keys=("student", "opt_g", "ema_g", "sched_g")),
+            Updater.from_config(self.critic, self.critic_update_loss, self.cfg, lr=self.cfg.critic_lr, tag="critic",
+                                keys=("critic", "opt_c", "ema_c", "sched_c")),
+        ]
 
     def prepare_for_training(self, env) -> None:
         """Devices, gradient checkpointing and FSDP2 for the student and the teacher / critic.
@@ -266,37 +228,27 @@ class Stage2Trainer:
         The teacher carries the critic's adapters (one network, two scores), so sharding it shards
         both; a full-copy critic is sharded on its own.
         """
-        from anystep.distributed import shard
-
+        s1 = self.stage1.cfg
         self.env, self.device = env, env.device
-        self.stage1.prepare_for_training(env)
+        prepare_student(self.student, env, s1)
+        self.stage1.device = env.device
         if self.cfg.causal:  # the rollout's attention processors, for the device the student now lives on
-            from anystep.rollout.flowmap import prepare_far_for_rollout
-
             prepare_far_for_rollout(self.student)
         for net in {id(m): m for m in (self.teacher, self.critic)}.values():
             net.to(env.device)
             if self.cfg.gradient_checkpointing and net is not self.teacher:
                 net.enable_gradient_checkpointing()
-            shard(net, env, mixed_precision=self.stage1.cfg.mixed_precision)
-        self._build_optimisers()
+            shard(net, env, mixed_precision=s1.mixed_precision)
+        self._build_updaters()
 
     # -- randomness ------------------------------------------------------------------------------
     def _shared(self, step: int, micro: int, stream: int) -> torch.Generator:
-        from anystep.train.loop import step_generator
-
         return step_generator(self.cfg.seed, step, micro, stream)
 
     def _own(self, step: int, micro: int, stream: int) -> torch.Generator:
         """The per-sample noise stream. Every rank holds the same generator and draws for the whole
         global batch, keeping its own rows (:class:`RankSlice`)."""
-        from anystep.train.loop import step_generator
-
         return step_generator(self.cfg.seed + _RANK_SEED_STRIDE, step, micro, stream)
-
-    @property
-    def ranks(self) -> RankSlice:
-        return RankSlice(self.rank, self.world_size)
 
     def _rank_slice(self, values: torch.Tensor) -> torch.Tensor:
         return self.ranks.take(values, self.cfg.batch_size)
@@ -323,25 +275,31 @@ class Stage2Trainer:
             for p, f in flags:
                 p.requires_grad_(f)
 
-    @torch.no_grad()
-    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
-                prompts: list[str] | None = None) -> torch.Tensor:
-        """x0 of the real score with CFG, v = v_c + w (v_c - v_u), w = ``real_guidance``: the teacher
-        network, or the empirical flow of ``prompts`` (which is CFG 1 + w in the usual form)."""
-        from anystep.models.students import teacher_velocity
-
-        if self.empirical is not None:
-            ids = self.empirical.prompt_ids(prompts)
-            return self.empirical.x0(z, sigma, ids, guidance=1.0 + self.cfg.real_guidance).to(z.device)
+    def teacher_real_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                              null: torch.Tensor, prompts=None) -> torch.Tensor:
+        """The default real score: the teacher (the critic's adapters off) with CFG,
+        v = v_c + w (v_c - v_u), w = ``real_guidance`` (w = 3 is CFG 4 in the usual form,
+        :mod:`anystep.flow.guidance`); both halves in one batched call."""
         b = z.shape[0]
         with self._real():
             v = teacher_velocity(self.teacher, torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([cond, null])).float()
         v_c, v_u = v[:b], v[b:]
-        return x0_from_velocity(z, v_c + self.cfg.real_guidance * (v_c - v_u), sigma)
+        return v_c + self.cfg.real_guidance * (v_c - v_u)
+
+    def empirical_real_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                                null: torch.Tensor, prompts) -> torch.Tensor:
+        """The toy world's exact flow of ``prompts`` with the same guidance: v_c + w (v_c - v_u) is
+        CFG 1 + w in the usual form."""
+        ids = self.empirical.prompt_ids(prompts)
+        return self.empirical.velocity(z, sigma, ids, guidance=1.0 + self.cfg.real_guidance).to(z.device)
+
+    @torch.no_grad()
+    def real_x0(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, null: torch.Tensor,
+                prompts=None) -> torch.Tensor:
+        """x0 of the real score, from :attr:`real_velocity`."""
+        return x0_from_velocity(z, self.real_velocity(z, sigma, cond, null, prompts), sigma)
 
     def critic_velocity(self, z: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        from anystep.models.students import teacher_velocity
-
         return teacher_velocity(self.critic, z, sigma, cond).float()
 
     @torch.no_grad()
@@ -352,8 +310,6 @@ class Stage2Trainer:
     # -- rollouts ------------------------------------------------------------------------------------
     def rollout(self, noise: torch.Tensor, cond: torch.Tensor, shared: torch.Generator, own: torch.Generator):
         """The student's rollout from ``noise`` in the caller's grad mode; choices from ``shared``."""
-        from anystep.rollout import consistency_backward_simulation, flowmap_backward_simulation
-
         cfg = self.cfg
         kw = dict(chunk_partition=self.partition or None, use_cache=cfg.use_kv_cache)
         if cfg.rollout == "flowmap":
@@ -363,16 +319,17 @@ class Stage2Trainer:
         k = int(torch.randint(s, (), generator=shared))
         return consistency_backward_simulation(self.student, noise, cond, s, k, cfg.shift, SlicedNoise(own, self.ranks), **kw)
 
-    def _batch(self, step: int, slot: int):
+    def batch(self, step: int, slot: int):
         """Generator micro-batches use slots 0..A-1 of the step, critic ones A..2A-1: fresh data each."""
         cfg = self.cfg
         return self.data.batch(step, cfg.batch_size, slot, 2 * cfg.grad_accum, self.rank, self.world_size)
 
     # -- the two updates -----------------------------------------------------------------------------
-    def generator_loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    def generator_loss(self, batch, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        """DMD on the student's own rollout, plus the co-trained Stage-1 loss on the same ``batch``."""
         cfg = self.cfg
         shared, own = self._shared(step, micro, STREAM_GEN_SHARED), self._own(step, micro, STREAM_GEN_NOISE)
-        x, prompts = self._batch(step, micro)
+        x, prompts = batch
         dev = self.device
         cond, null = self.data.embed(prompts).to(dev), self.data.null(len(prompts)).to(dev)
         noise = self.ranks.randn(own, x.shape).to(dev)
@@ -387,135 +344,66 @@ class Stage2Trainer:
         loss = cfg.dmd_weight * l_dmd
         metrics = {"loss_dmd": l_dmd.item(), **{f"gen_{k}": v for k, v in ro.info.items()}}
         if cfg.stage1_weight > 0:
-            self._given.current = (x, prompts)
-            try:
-                l_s1, m1 = self.stage1.loss(step, micro)
-            finally:
-                self._given.current = None
+            l_s1, m1 = self.stage1(batch, step, micro)
             loss = loss + cfg.stage1_weight * l_s1
             metrics["loss_stage1"] = l_s1.item()
             metrics.update({f"stage1_{k}": v for k, v in m1.items()})
         return loss, metrics
 
-    def critic_loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, batch, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        """Flow matching of the critic on a rollout made without gradient from ``batch``'s prompts."""
         cfg = self.cfg
         shared, own = self._shared(step, micro, STREAM_CRITIC_SHARED), self._own(step, micro, STREAM_CRITIC_NOISE)
-        x, prompts = self._batch(step, cfg.grad_accum + micro)
+        x, prompts = batch
         dev = self.device
         cond = self.data.embed(prompts).to(dev)
         noise = self.ranks.randn(own, x.shape).to(dev)
         with torch.no_grad():
             ro = self.rollout(noise, cond, shared, own)
         x_hat = ro.sample.detach()
-        t = self._rank_slice(shift_sigma(logit_normal_sigma(cfg.batch_size * self.world_size, generator=shared), cfg.shift)).to(dev)
+        t = self._rank_slice(training_sigma(cfg.batch_size * self.world_size, cfg.shift, shared)).to(dev)
         e = self.ranks.randn(own, x_hat.shape).to(dev)
         v = self.critic_velocity(add_noise(x_hat, e, t), t, cond)
-        loss = (v - (e - x_hat)).pow(2).flatten(1).mean(1).mean()
+        loss = per_sample_mse(v, velocity_target(x_hat, e)).mean()
         return loss, {f"critic_{k}": val for k, val in ro.info.items()}
 
-    def _update(self, loss_fn, params, opt, sched, ema, module, tag: str) -> dict:
-        cfg = self.cfg
-        total, metrics, gn = optimizer_step(module, params, opt, sched, loss_fn, self.step, cfg.grad_accum, cfg.grad_clip,
-                                            self.env, cfg.mixed_precision, f"{tag} loss")
-        ema.update(module, self.step + 1)
-        return {f"loss_{tag}": total, f"grad_norm_{tag}": gn, **metrics}
+    def generator_update_loss(self, step: int, micro: int):
+        return self.generator_loss(self.batch(step, micro), step, micro)
 
-    def generator_step(self) -> dict:
+    def critic_update_loss(self, step: int, micro: int):
+        return self.critic_loss(self.batch(step, self.cfg.grad_accum + micro), step, micro)
+
+    # -- one update outside the loop (tests, cost measurements) -------------------------------------
+    def _run(self, updaters, step: int) -> dict:
+        rec, norms = run_updates(updaters, step, self.cfg.grad_accum, self.env, self.cfg.mixed_precision)
+        return {**rec, **norms}
+
+    def generator_step(self, step: int = 0) -> dict:
         """One generator update: only the student's parameters move."""
-        return self._update(self.generator_loss, self.student_params, self.opt_g, self.sched_g, self.ema_g, self.student, "generator")
+        return self._run(self.updaters[:1], step)
 
-    def critic_step(self) -> dict:
+    def critic_step(self, step: int = 0) -> dict:
         """One critic update on a fresh batch: only the critic's parameters move."""
-        return self._update(self.critic_loss, self.critic_params, self.opt_c, self.sched_c, self.ema_c, self.critic, "critic")
+        return self._run(self.updaters[1:], step)
 
-    def train_step(self) -> dict:
-        rec = self.generator_step()
-        rec.update(self.critic_step())
-        self.step += 1
-        rec["loss"] = rec["loss_generator"]
-        return rec
+    def train_step(self, step: int = 0) -> dict:
+        return self._run(self.updaters, step)
 
-    # -- checkpoints ---------------------------------------------------------------------------------
-    def _tensors(self) -> dict:
-        return {
-            "student": trainable_tensors(self.student, self.student_params),
-            "critic": trainable_tensors(self.critic, self.critic_params),
-            "opt_g": optimizer_state(self.student, self.opt_g),
-            "opt_c": optimizer_state(self.critic, self.opt_c),
-            "ema_g": self.ema_g.shadow,
-            "ema_c": self.ema_c.shadow,
-        }
+    # -- the final folder ----------------------------------------------------------------------------
+    def save_folder(self, dest) -> Path:
+        final = self.updaters[0].ema.ema_copy(self.student)
+        return save_student(dest, final, self.pipe, shift=self.cfg.shift, sampler=self.sampler(self.cfg),
+                            training=training_rows(self.cfg, "stage2"), lora=self.cfg.lora_rank > 0)
 
-    def global_batch(self) -> int:
-        """Samples per generator update over all ranks: a resume must keep it."""
-        return self.cfg.batch_size * self.world_size * self.cfg.grad_accum
-
-    def save(self) -> None:
-        """Collective: a DCP checkpoint of everything that moves (:mod:`anystep.train.checkpoint`)."""
-        meta = {"step": self.step, "config": asdict(self.cfg), "name": "stage2", "global_batch": self.global_batch(),
-                "sched_g": self.sched_g.state_dict(), "sched_c": self.sched_c.state_dict()}
-        save_checkpoint(self.out, self._tensors(), meta)
-
-    def maybe_resume(self) -> bool:
-        if not find_checkpoint(self.out):
-            return False
-        tensors = self._tensors()
-        meta = load_checkpoint(self.out, tensors, expect_global_batch=self.global_batch())
-        load_optimizer_state(self.student, self.opt_g, tensors["opt_g"])
-        load_optimizer_state(self.critic, self.opt_c, tensors["opt_c"])
-        self.sched_g.load_state_dict(meta["sched_g"])
-        self.sched_c.load_state_dict(meta["sched_c"])
-        from anystep.train.runfolder import apply_resumed_hyperparams
-
-        apply_resumed_hyperparams(self.opt_g, self.sched_g, [self.cfg.lr], self.cfg.betas, self.cfg.weight_decay)
-        apply_resumed_hyperparams(self.opt_c, self.sched_c, [self.cfg.critic_lr], self.cfg.betas, self.cfg.weight_decay)
-        self.step = int(meta["step"])
-        return True
-
-    def final_student(self):
-        """The student with its EMA weights (LoRA merged), ready to export."""
-        final = self.ema_g.ema_copy(self.student).eval()
-        if self.cfg.lora_rank > 0:
-            from anystep.models.lora import merge_student_lora
-
-            final = merge_student_lora(final)
-        return final
+    def export_checkpoint(self, run_dir, dest) -> Path:
+        module, pipe = load_trained_student(run_dir, student_spec(self.cfg), self.weights)
+        return save_student(dest, module, pipe, shift=self.cfg.shift, sampler=self.sampler(self.cfg),
+                            training=training_rows(self.cfg, "stage2"), lora=self.cfg.lora_rank > 0)
 
 
 def train_stage2(cfg: Stage2Config) -> Path:
     """Run (or resume) Stage 2 and write ``out/model``, a diffusers folder of the student's EMA weights."""
-    from anystep.models.folders import save_anyflow_folder
-    from anystep.train.loop import final_folder_from_checkpoint, write_resolved_config
+    return run_method(Stage2Method, cfg)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    env = setup()
-    trainer = Stage2Trainer(cfg, env.rank, env.world_size)
-    trainer.prepare_for_training(env)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_resolved_config(out, cfg)
-    trainer.maybe_resume()
-    logger = JsonlLogger(out / "metrics.jsonl" if env.is_main else None)
-    t0 = time.time()
-    progress = Progress(f"stage2:{cfg.rollout}", cfg.steps, trainer.step, enabled=env.is_main,
-                        shown=("loss_dmd", "loss_critic"))
-    while trainer.step < cfg.steps:
-        rec = trainer.train_step()
-        step = trainer.step
-        progress.update(step, {k: v for k, v in rec.items() if k.startswith("loss")})
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-            norms = {k: rec.pop(k) for k in list(rec) if k.startswith("grad_norm_")}  # already global
-            lr = trainer.sched_g.get_last_lr()[0]
-            logger.log({"step": step, **global_mean({**rec, **progress.window(step, lr)}), **norms, "lr": lr,
-                        "time": time.time() - t0})
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            trainer.save()
-    progress.close(str(out / "checkpoint"))
-    if env.distributed:
-        return final_folder_from_checkpoint(cfg.out)
-    pipe = trainer.pipe
-    # A consistency-trained student is served by the consistency sampler (Table 2 baselines).
-    sampler = "consistency" if cfg.rollout == "consistency" else "flowmap"
-    return save_anyflow_folder(out / "model", trainer.final_student(), pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                               shift=cfg.shift, sampler=sampler, training=training_rows(cfg, "stage2"))
+
+METHOD = MethodInfo(Stage2Config, Stage2Method, train_stage2, "stage-2 model", student_spec)

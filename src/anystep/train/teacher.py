@@ -7,24 +7,26 @@ mean); the trained encoder ships inside the teacher folder and stays frozen for 
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt, DIGIT_WORDS
-from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma
-from anystep.models.codec import SpaceToDepthCodec, fit_codec
-from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
-from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
-from anystep.train.checkpoint import CheckpointError
-from anystep.train.common import EMA, JsonlLogger, atomic_torch_save, logit_normal_sigma, rng_state, set_rng_state, warmup_cooldown_lambda
+from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt
+from anystep.flow.matching import per_sample_mse, squared_error, training_sigma, velocity_target, x0_from_velocity
+from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from anystep.models.card import training_rows
+from anystep.models.codec import SpaceToDepthCodec, fit_codec
+from anystep.models.folders import load_pipeline, save_teacher_folder
+from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
+from anystep.models.toy import build_toy_transformer
+from anystep.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_meta
+from anystep.train.common import warmup_cooldown_lambda
+from anystep.train.loop import run_method
+from anystep.train.registry import MethodInfo
+from anystep.train.updater import Updater
 
 
 @dataclass
@@ -142,7 +144,7 @@ def temporal_gain(model, tokenizer, text_encoder, x, z, sigma, prompts) -> float
 
     def x0_error(zz, ss, ee):
         v = model(zz.permute(0, 2, 1, 3, 4), ss * NUM_TRAIN_TIMESTEPS, ee).sample.permute(0, 2, 1, 3, 4)
-        return (zz - ss.view(-1, 1, 1, 1, 1) * v - x.reshape(zz.shape)).pow(2).mean()
+        return (x0_from_velocity(zz, v, ss) - x.reshape(zz.shape)).pow(2).mean()
 
     whole = x0_error(z, sigma, emb)
     alone = x0_error(z.reshape(n * f, 1, *z.shape[2:]), sigma.repeat_interleave(f), emb.repeat_interleave(f, 0))
@@ -166,8 +168,8 @@ def sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, 
     idx = torch.tensor(keep)
     emb_f = encode_prompts(tokenizer, text_encoder, flipped)
     pred_f = model(z[idx].permute(0, 2, 1, 3, 4), sigma[idx] * NUM_TRAIN_TIMESTEPS, emb_f).sample.permute(0, 2, 1, 3, 4)
-    err_t = (pred[idx].float() - target[idx].float()).pow(2).flatten(1).mean(1)
-    err_f = (pred_f.float() - target[idx].float()).pow(2).flatten(1).mean(1)
+    err_t = per_sample_mse(pred[idx], target[idx])
+    err_f = per_sample_mse(pred_f, target[idx])
     return F.relu(err_t - (1.0 - margin) * err_f).mean()
 
 
@@ -202,23 +204,24 @@ def text_separation_hinge(tokenizer, text_encoder, prompts, ratio: float, world:
     return (F.relu(ratio * d_ref - d_rev) / d_ref.clamp_min(1e-8)).mean()
 
 
-def _init_state(path: str) -> dict:
-    """Weights to start a fine-tuning phase from: a teacher checkpoint, or a teacher folder (its
-    weights are the EMA weights it was exported with, so they start both the model and its EMA)."""
-    if not Path(path).is_dir():
-        return torch.load(path, weights_only=False)
-    from anystep.models.folders import load_pipeline
-
-    pipe = load_pipeline(path)
-    model_sd = pipe.transformer.state_dict()
-    text_sd = pipe.text_encoder.state_dict()
-    shadow = lambda sd, mod: {k: sd[k] for k, _ in mod.named_parameters()}  # noqa: E731
-    return {
-        "model": model_sd,
-        "text_encoder": text_sd,
-        "ema": {"decay": 0.0, "start": 0, "shadow": shadow(model_sd, pipe.transformer)},
-        "ema_text": {"decay": 0.0, "start": 0, "shadow": shadow(text_sd, pipe.text_encoder)},
-    }
+def _init_weights(path: str, both: torch.nn.Module) -> dict | None:
+    """Start a fine-tuning phase: ``both`` (transformer and text encoder) from a teacher folder (its
+    weights are the EMA weights it was exported with, and start the EMA too) or from a teacher
+    run's checkpoint (its weights; returns its EMA shadow to start the EMA from)."""
+    try:
+        if has_checkpoint(path):
+            weights = {n: p.detach() for n, p in both.named_parameters() if p.requires_grad}
+            ema = {n: torch.empty_like(p) for n, p in weights.items()}
+            load_checkpoint(path, {"model": weights, "ema": ema}, single_process=True)
+            return ema
+        pipe = load_pipeline(path)
+        both["transformer"].load_state_dict(pipe.transformer.state_dict())
+        both["text_encoder"].load_state_dict(pipe.text_encoder.state_dict())
+        return None
+    except (RuntimeError, CheckpointError) as e:
+        kinds = [k for k in ("Missing key", "Unexpected key", "size mismatch") if k in str(e)]
+        raise CheckpointError(f"init={path} does not fit this run's transformer or text encoder "
+                              f"({', '.join(kinds) or type(e).__name__}); match `transformer` to it") from None
 
 
 def clip_length(cfg: TeacherConfig, step: int) -> int:
@@ -229,114 +232,86 @@ def clip_length(cfg: TeacherConfig, step: int) -> int:
     return cfg.long_num_frames if u < cfg.long_frac else cfg.num_frames
 
 
-def train_teacher(cfg: TeacherConfig) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    world = WorldConfig(num_frames=cfg.num_frames)
-    data = MovingDigits("train", world, seed=cfg.seed)
-    long_data = None
-    if cfg.long_num_frames > 0 and cfg.long_frac > 0:
-        long_world = WorldConfig(num_frames=cfg.long_num_frames)
-        long_world.validate()
-        long_data = MovingDigits("train", long_world, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
+class TeacherMethod:
+    """Flow matching of the toy teacher and (optionally) its text encoder: one updater over both.
 
-    # Codec statistics from a fixed sample of training clips; a fine-tune of a teacher folder keeps
-    # that folder's statistics (its weights were trained in those latents).
-    # A resumed run or a fine-tune keeps the latent space its weights were trained in: a teacher
-    # folder's codec, or the codec a checkpoint recorded (checkpoints written before 2026-12-02 did
-    # not record one and are refitted from this run's seed).
-    ckpt_path = out / "checkpoint.pt"
-    resume = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
-    init = _init_state(cfg.init) if cfg.init and resume is None else None
-    codec_cfg = (resume or init or {}).get("codec")
-    if codec_cfg is None and cfg.init and Path(cfg.init).is_dir():
-        codec_cfg = dict(SpaceToDepthCodec.from_pretrained(Path(cfg.init) / "vae").config)
-    if codec_cfg is not None:
-        codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame,
-                                               "first_frame_offset": cfg.first_frame_offset})
-    else:
-        codec = fit_codec(torch.from_numpy(data.batch(range(256))[0]), anchor_first_frame=cfg.anchor_first_frame,
-                          first_frame_offset=cfg.first_frame_offset)
-    tokenizer = build_word_tokenizer()
-    text_encoder = build_tiny_umt5(len(tokenizer), seed=cfg.seed)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    model = build_toy_transformer(**cfg.transformer)
-    model.train()
+    Draws come from torch's global generator, seeded once (the recipe the shipped teacher was
+    trained with); the checkpoint carries its state, so a resumed run draws what an uninterrupted
+    one would have. The logged ``loss`` is the flow-matching term; the experimental hinges are
+    logged beside it and added to what is minimised.
+    """
 
-    params = [{"params": list(model.parameters()), "lr": cfg.lr}]
-    if cfg.train_text_encoder:
-        params.append({"params": list(text_encoder.parameters()), "lr": cfg.lr * cfg.text_lr_mult})
-    trainable = [p for g in params for p in g["params"]]
-    opt = torch.optim.AdamW(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cooldown_lambda(cfg.warmup, cfg.steps, cfg.cooldown))
-    ema = EMA(model, cfg.ema_decay, cfg.ema_start)
-    ema_text = EMA(text_encoder, cfg.ema_decay, cfg.ema_start) if cfg.train_text_encoder else None
+    name = title = "teacher"
+    shown = ("loss",)
 
-    step = 0
-    if init is not None:
-        try:
-            model.load_state_dict(init["model"])
-            text_encoder.load_state_dict(init["text_encoder"])
-        except RuntimeError as e:
-            if created and not any(out.iterdir()):
-                out.rmdir()  # a refused run leaves no folder behind
-            kinds = [k for k in ("Missing key", "Unexpected key", "size mismatch") if k in str(e)]
-            raise CheckpointError(f"init={cfg.init} does not fit this run's transformer or text encoder "
-                                  f"({', '.join(kinds) or type(e).__name__}); match `transformer` to it") from None
-        ema.load_state_dict(init["ema"])
-        ema.start = cfg.ema_start
-        if ema_text is not None and init.get("ema_text"):
-            ema_text.load_state_dict(init["ema_text"])
-            ema_text.start = cfg.ema_start
-    if resume is not None:
-        state = resume
-        model.load_state_dict(state["model"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        from anystep.train.runfolder import apply_resumed_hyperparams
+    def __init__(self, cfg: TeacherConfig, rank: int = 0, world_size: int = 1):
+        if world_size > 1:
+            raise ValueError("the toy teacher trains in one process")
+        self.cfg = cfg
+        self.world = WorldConfig(num_frames=cfg.num_frames)
+        self.data = MovingDigits("train", self.world, seed=cfg.seed)
+        self.long_data = None
+        if cfg.long_num_frames > 0 and cfg.long_frac > 0:
+            long_world = WorldConfig(num_frames=cfg.long_num_frames)
+            long_world.validate()
+            self.long_data = MovingDigits("train", long_world, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        resume = has_checkpoint(cfg.out)
+        init = cfg.init if cfg.init and not resume else ""
+        # A resumed run or a fine-tune keeps the latent space its weights were trained in: the codec
+        # a checkpoint records, or a teacher folder's own; a fresh run fits one on training clips.
+        if resume or (init and has_checkpoint(init)):
+            codec_cfg = read_meta(cfg.out if resume else init)["codec"]
+        elif init:
+            codec_cfg = dict(SpaceToDepthCodec.from_pretrained(Path(init) / "vae").config)
+        else:
+            codec_cfg = None
+        if codec_cfg is not None:
+            self.codec = SpaceToDepthCodec.from_config({**codec_cfg, "anchor_first_frame": cfg.anchor_first_frame,
+                                                        "first_frame_offset": cfg.first_frame_offset})
+        else:
+            self.codec = fit_codec(torch.from_numpy(self.data.batch(range(256))[0]),
+                                   anchor_first_frame=cfg.anchor_first_frame, first_frame_offset=cfg.first_frame_offset)
+        self.tokenizer = build_word_tokenizer()
+        self.text_encoder = build_tiny_umt5(len(self.tokenizer), seed=cfg.seed)
+        self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.model = build_toy_transformer(**cfg.transformer)
+        self.model.train()
+        self.both = torch.nn.ModuleDict({"transformer": self.model, "text_encoder": self.text_encoder})
+        ema = _init_weights(init, self.both) if init else None
+        self._build_updaters()
+        if ema is not None:
+            for k, v in ema.items():
+                self.updaters[0].ema.shadow[k].copy_(v)
 
-        lrs = [cfg.lr] + ([cfg.lr * cfg.text_lr_mult] if cfg.train_text_encoder else [])
-        apply_resumed_hyperparams(opt, sched, lrs, cfg.betas, cfg.weight_decay)
-        ema.load_state_dict(state["ema"])
-        if ema_text is not None:
-            ema_text.load_state_dict(state["ema_text"])
-        step = state["step"]
-        set_rng_state(state["rng"])
-    logger = JsonlLogger(out / "metrics.jsonl")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    def _build_updaters(self) -> None:
+        c = self.cfg
+        groups = [{"params": list(self.model.parameters()), "lr": c.lr}]
+        if c.train_text_encoder:
+            groups.append({"params": list(self.text_encoder.parameters()), "lr": c.lr * c.text_lr_mult})
+        self.updaters = [Updater.from_config(self.both, self.loss, c, groups=groups,
+                                             lr_lambda=warmup_cooldown_lambda(c.warmup, c.steps, c.cooldown))]
 
-    def save_ckpt():
-        atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "ema": ema.state_dict(),
-                "ema_text": ema_text.state_dict() if ema_text else None,
-                "step": step,
-                "rng": rng_state(),
-                "codec": {k: v for k, v in codec.config.items() if not k.startswith("_")},
-            },
-            ckpt_path,
-        )
+    def prepare_for_training(self, env) -> None:
+        """One process on the CPU: nothing to place or shard."""
 
-    t0 = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True)
-    while step < cfg.steps:
-        idx = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        src = long_data if clip_length(cfg, step) != cfg.num_frames else data
-        videos, prompts = src.batch(idx)
+    def batch(self, step: int):
+        """(pixels, prompts) of ``step``: clips ``[step * B, (step + 1) * B)`` of the stream."""
+        idx = np.arange(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size)
+        src = self.long_data if clip_length(self.cfg, step) != self.cfg.num_frames else self.data
+        return src.batch(idx)
+
+    def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        return self.loss_on(self.batch(step), step)
+
+    def loss_on(self, batch, step: int) -> tuple[torch.Tensor, dict]:
+        cfg, model, tokenizer, text_encoder = self.cfg, self.model, self.tokenizer, self.text_encoder
+        videos, prompts = batch
         drop = torch.rand(len(prompts)) < cfg.null_prob
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        x = _latents(codec, videos)
+        x = _latents(self.codec, videos)
         noise = torch.randn_like(x)
-        sigma = shift_sigma(logit_normal_sigma(len(x)), cfg.shift)
+        sigma = training_sigma(len(x), cfg.shift)
         n_uniform = int(round(cfg.uniform_t_frac * len(x)))
         if n_uniform:
             sigma[:n_uniform] = torch.rand(n_uniform)
@@ -344,47 +319,45 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         with torch.set_grad_enabled(cfg.train_text_encoder):
             emb = encode_prompts(tokenizer, text_encoder, prompts)
         pred = model(z.permute(0, 2, 1, 3, 4), sigma * NUM_TRAIN_TIMESTEPS, emb).sample.permute(0, 2, 1, 3, 4)
-        loss = F.mse_loss(pred.float(), (noise - x).float())
-        loss_total = loss
-        sign_term = sep_term = None
+        target = velocity_target(x, noise)
+        # A mean over every element (equal-sized clips: the mean of per_sample_mse, up to rounding).
+        loss = squared_error(pred, target).mean()
+        total, metrics = loss, {"loss": loss.item()}
         if cfg.sign_weight > 0:
-            sign_term = sign_hinge(model, tokenizer, text_encoder, z, sigma, noise - x, pred, prompts, cfg.sign_margin)
-            loss_total = loss_total + cfg.sign_weight * sign_term
+            sign = sign_hinge(model, tokenizer, text_encoder, z, sigma, target, pred, prompts, cfg.sign_margin)
+            total = total + cfg.sign_weight * sign
+            metrics["sign_hinge"] = sign.item()
         if cfg.text_sep_weight > 0 and cfg.train_text_encoder:
             rng = np.random.default_rng([cfg.seed, step, 0x7E47])
-            sep_term = text_separation_hinge(tokenizer, text_encoder, prompts, cfg.text_sep_ratio, world, rng)
-            loss_total = loss_total + cfg.text_sep_weight * sep_term
-        opt.zero_grad(set_to_none=True)
-        loss_total.backward()
-        gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        ema.update(model, step)
-        if ema_text is not None:
-            ema_text.update(text_encoder, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        rec = {"step": step, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time": time.time() - t0}
-        if sign_term is not None:
-            rec["sign_hinge"] = sign_term.item()
-        if sep_term is not None:
-            rec["text_sep_hinge"] = sep_term.item()
-        if step % cfg.probe_every == 0 or step == cfg.steps:
-            model.eval()
-            rec.update({f"probe_{k}": v for k, v in prompt_sensitivity(model, tokenizer, text_encoder, codec, world).items()})
-            model.train()
-            tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}))
-        if step % cfg.log_every == 0 or "probe_color" in rec:
-            logger.log(rec)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_ckpt()
-    bar.close()
+            sep = text_separation_hinge(tokenizer, text_encoder, prompts, cfg.text_sep_ratio, self.world, rng)
+            total = total + cfg.text_sep_weight * sep
+            metrics["text_sep_hinge"] = sep.item()
+        return total, metrics
 
-    from anystep.models.folders import save_teacher_folder
+    def extra_metrics(self, step: int) -> dict | None:
+        """The prompt-sensitivity probe every ``probe_every`` steps and at the end."""
+        if step % self.cfg.probe_every and step != self.cfg.steps:
+            return None
+        self.model.eval()
+        probe = prompt_sensitivity(self.model, self.tokenizer, self.text_encoder, self.codec, self.world)
+        self.model.train()
+        return {f"probe_{k}": v for k, v in probe.items()}
 
-    final_model = ema.ema_copy(model).eval()
-    final_text = (ema_text.ema_copy(text_encoder) if ema_text else text_encoder).eval()
-    save_teacher_folder(out / "model", final_model, final_text, tokenizer, codec, shift=cfg.shift,
-                        training=training_rows(cfg, "teacher"))
-    return out / "model"
+    def extra_state(self) -> tuple[dict, dict]:
+        """The global generator's state (tensors) and the codec (JSON) the weights are trained in."""
+        return {"rng": torch.get_rng_state()}, {"codec": {k: v for k, v in self.codec.config.items() if not k.startswith("_")}}
+
+    def load_extra_state(self, tensors: dict, meta: dict) -> None:
+        torch.set_rng_state(tensors["rng"])
+
+    def save_folder(self, dest) -> Path:
+        final = self.updaters[0].ema.ema_copy(self.both).eval()
+        return save_teacher_folder(dest, final["transformer"], final["text_encoder"], self.tokenizer, self.codec,
+                                   shift=self.cfg.shift, training=training_rows(self.cfg, "teacher"))
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    return run_method(TeacherMethod, cfg)
+
+
+METHOD = MethodInfo(TeacherConfig, TeacherMethod, train_teacher, "teacher")
