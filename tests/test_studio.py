@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from anystep.causal_generation import read_frames
+from anystep.conditioning import read_frames
 from anystep.cli import main
 from anystep.errors import UserError
 from anystep.studio.engine import StudioInputError, check_prompt, check_seed, check_steps, open_models
