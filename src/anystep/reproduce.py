@@ -84,14 +84,15 @@ class Budget:
     published_consistency: bool = False
 
 
-# Quick: the README's main job, ~15 min on 2 CPU cores (the teacher ODE of the consistency
+# Quick: the README's main job, ~7 min on 2 quiet CPU cores (the teacher ODE of the consistency
 # ODE-init is its most expensive part, so quick mode runs it with 12 Euler steps instead of 24).
 # Its real score keeps 16 clips a prompt instead of 64: the exact flow of a smaller clip set, 4x
 # cheaper for the ODE-init's 12-step solves, which would otherwise cost minutes on 2 cores.
 QUICK = Budget(teacher_ft=0, stage1=120, stage2=40, consistency_init=30, flow_matching_causal=60,
                causal_frac=0.5, n_prompts=16, cost_repeats=2, overrides={"consistency_init": {"ode_steps": 12}},
                real_score_clips=16)
-# Full: about an hour on 2 CPU cores; its output is committed under docs/results/reproduce/.
+# Full: over an hour on 2 CPU cores (the ODE-init through the 64-clip empirical flow is its slowest
+# job); the bidirectional half took 7.2 min on one H200 (docs/results/real-score-h200/).
 FULL = Budget(teacher_ft=300, stage1=600, stage2=200, consistency_init=100, flow_matching_causal=300,
               causal_frac=0.5, n_prompts=40, cost_repeats=3, published_consistency=True)
 #: A row whose "folder" starts with this is the empirical flow in that teacher folder's latent space.

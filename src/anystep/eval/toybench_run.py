@@ -233,7 +233,7 @@ def run_toybench(
     ``reuse=True`` keeps the step counts an earlier run with the same prompts already wrote to
     ``out_dir`` and generates only the missing ones (a killed sweep resumes).
     """
-    if hasattr(model_folder, "generate_videos"):  # e.g. anystep.flow.empirical.EmpiricalFlowModel
+    if hasattr(model_folder, "generate_videos"):  # e.g. anystep.eval.empirical_teacher.EmpiricalFlowModel
         model, model_folder = model_folder, model_folder.name
         if out_dir is None:
             raise ValueError(f"{model_folder}: give out_dir, it has no folder of its own")
