@@ -99,3 +99,20 @@ def test_empirical_flow_lands_on_a_clip_of_the_prompt_and_one_step_is_their_mean
     # The clip set is the world's: rendered in the prompt's colour and direction, of its digit.
     assert len(prompt_clips(prompt, flow.world)) > flow.k
     assert clip_scores(video, prompt)["total"] > 95
+
+
+def test_posterior_means_ignore_a_training_steps_bf16_autocast(flow):
+    """A training step runs its loss under bf16 autocast (CUDA, one process); the real score must
+    not: |z.x| ~ 2e4 in bf16 would scramble the posterior. CPU autocast stands in for CUDA's."""
+    prompts = ["a green seven moving up", "a red zero moving left"]
+    ids = flow.prompt_ids(prompts)
+    x = flow.bank[ids * flow.k].view(2, *flow.latent_shape)
+    t = torch.tensor([0.6, 0.3])
+    z = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    plain = flow.x0(z, t, ids, guidance=4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = flow.x0(z, t, ids, guidance=4.0)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    with pytest.raises(ValueError, match="expects"):
+        flow.halves_velocity(ids)(z, 0.5)  # Euler without guidance passes z, not [z; z]
+

@@ -314,7 +314,7 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
     k = 0
     real = None
     for arch, r in rows.items():
-        methods = {}
+        methods, arch_real = {}, None
         for method, (label, folder, steps, is_teacher) in r.items():
             k += 1
             say(f"ToyBench {k}/{n_evals}: {arch} {label}, steps {list(steps)}")
@@ -322,6 +322,7 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             frames = (CAUSAL_FRAMES if arch == "causal" else 7) if folder.startswith(EMPIRICAL) else None
             res = _eval(folder, steps, ev_dir, budget.n_prompts, num_frames=frames, clips_per_prompt=budget.real_score_clips)
             real = real or res.get("real")
+            arch_real = arch_real or res.get("real")
             methods[method] = {
                 "label": label, "folder": folder, "is_teacher": is_teacher, "eval_dir": str(ev_dir),
                 "sweep": _strip(res),
@@ -338,7 +339,7 @@ def reproduce(out, quick: bool = True, teacher=None, budget: Budget | None = Non
             say(f"ToyBench sampler cross: {arch} {label} with the {other} sampler, steps {list(sel)}")
             res = _eval(folder, sel, out / "eval" / arch / f"{method}_{other}_sampler", budget.n_prompts, sampler=other)
             cross[method] = {"own": own, "other": other, "sweep": _strip(res)}
-        results["architectures"][arch] = {"methods": methods, "sampler_cross": cross}
+        results["architectures"][arch] = {"methods": methods, "sampler_cross": cross, "real": arch_real}
         if arch == "causal":
             # The causal students make CAUSAL_FRAMES-frame clips; their ceiling is the teacher at that length.
             say(f"ToyBench: the teacher on {CAUSAL_FRAMES}-frame clips at {TEACHER_REFERENCE_STEPS}x2 (the causal reference)")

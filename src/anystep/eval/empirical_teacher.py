@@ -46,7 +46,7 @@ class EmpiricalFlowModel:
         flow = self.flow(num_frames)
         noise = torch.cat([initial_noise(flow.latent_shape, 1, seed) for _, seed in prompts])
         shift = float(getattr(self.model.pipe.scheduler.config, "shift", 5.0))
-        latents = flow.sample(noise, [p for p, _ in prompts], int(steps), g if g != 1.0 else None, shift)
+        latents = flow.sample(noise, [p for p, _ in prompts], int(steps), g if g > 1.0 else None, shift)  # as nfe()
         return latents_to_video(self.model, latents).numpy()
 
 
@@ -64,9 +64,11 @@ def main(argv=None) -> None:
     model = load_model(args.model)
     flow = EmpiricalFlow(model.codec, world, args.clips_per_prompt)
     noise = torch.cat([initial_noise(flow.latent_shape, 1, s) for _, s in prompts])
-    per_step = 2 if args.guidance != 1.0 else 1
+    g = args.guidance if args.guidance > 1.0 else None  # the rule nfe() counts by
+    per_step = 2 if g is not None else 1
+    shift = float(getattr(model.pipe.scheduler.config, "shift", 5.0))
     for s in [int(x) for x in args.steps.split(",")]:
-        v = latents_to_video(model, flow.sample(noise, texts, s, args.guidance)).numpy()
+        v = latents_to_video(model, flow.sample(noise, texts, s, g, shift)).numpy()
         r = score_videos(v, texts, world)
         _, lo, hi = bootstrap_ci(r["per_clip"]["total"])
         print(f"empirical flow (K={flow.k}), CFG {args.guidance:g}, {s} steps (NFE {per_step * s}): Total {r['Total']:.1f} "

@@ -294,8 +294,8 @@ def run_toybench(
         was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1,
                "teacher_reference": None, "sampler": result["sampler"] if sampler is None else None}
         same = all(prev.get(k, was.get(k)) == result[k]
-                   for k in ("prompts", "num_frames", "kind", "context_frames", "guidance_scale", "toybench_version",
-                             "teacher_reference", "sampler"))
+                   for k in ("model_folder", "prompts", "num_frames", "kind", "context_frames", "guidance_scale",
+                             "toybench_version", "teacher_reference", "sampler"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
     for s in steps:

@@ -109,6 +109,7 @@ class EmpiricalFlow:
 
     def __init__(self, vae, world: WorldConfig | None = None, clips_per_prompt: int = 64, seed: int = 0):
         self.world = world or WorldConfig()
+        self.world.validate()
         self.k = int(clips_per_prompt)
         if self.k < 1:
             raise ValueError(f"clips_per_prompt must be >= 1, got {clips_per_prompt}")
@@ -137,7 +138,10 @@ class EmpiricalFlow:
     def cached(cls, vae, world: WorldConfig, clips_per_prompt: int = 64, seed: int = 0) -> "EmpiricalFlow":
         """One clip set per (codec settings, world, K, seed) in this process: ``anystep reproduce``
         trains every job in one process, and building a set costs ~10 s on two cores."""
-        key = json.dumps([dict(vae.config), asdict(world), int(clips_per_prompt), int(seed)], sort_keys=True, default=str)
+        # The codec's settings without diffusers' bookkeeping (_name_or_path, ...): the toy codec has no
+        # weights, so one settings dict is one latent space whichever folder it was loaded from.
+        settings = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+        key = json.dumps([settings, asdict(world), int(clips_per_prompt), int(seed)], sort_keys=True, default=str)
         if key not in _CACHE:
             while len(_CACHE) >= 2:  # 7- and 13-frame sets, ~0.9 and ~1.6 GB
                 _CACHE.pop(next(iter(_CACHE)))
@@ -156,8 +160,17 @@ class EmpiricalFlow:
         return torch.tensor([self.index[p] for p in prompts])
 
     def posterior_means(self, z: torch.Tensor, t, ids: torch.Tensor, unconditional: bool = True):
-        """(E[x | z_t, prompt], E[x | z_t] or None), each shaped like ``z``; ``t`` a float or (B,)."""
+        """(E[x | z_t, prompt], E[x | z_t] or None), each shaped like ``z``; ``t`` a float or (B,).
+
+        Always in float32 / float64, also inside a training step's bf16 autocast: |z.x| is ~2e4, so
+        bf16 products would move the logits by ~100 (1 - t) / t^2 and scramble the posterior."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._posterior_means(z, t, ids, unconditional)
+
+    def _posterior_means(self, z: torch.Tensor, t, ids: torch.Tensor, unconditional: bool):
         b = z.shape[0]
+        if ids.shape[0] != b:
+            raise ValueError(f"{ids.shape[0]} prompt ids for {b} latents")
         if z.device != self.bank.device:  # one move to the accelerator, not one copy a call
             self.bank, self.sq_norms = self.bank.to(z.device), self.sq_norms.to(z.device)
         ids = ids.to(z.device)
@@ -194,6 +207,8 @@ class EmpiricalFlow:
         posterior computation for both halves."""
 
         def velocity(zz: torch.Tensor, t, _r=None) -> torch.Tensor:
+            if zz.shape[0] != 2 * len(ids):  # euler without guidance would pass z alone
+                raise ValueError(f"halves_velocity expects [z; z] for {len(ids)} prompts, got {zz.shape[0]} rows")
             z = zz[: zz.shape[0] // 2]
             mean_c, mean_u = self.posterior_means(z, t, ids)
             return torch.cat([(z - mean_c) / t, (z - mean_u) / t]).to(zz.device)
