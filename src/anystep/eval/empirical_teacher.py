@@ -7,6 +7,8 @@ model, and its ToyBench at several step counts:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 
 import numpy as np
 import torch
@@ -31,7 +33,11 @@ class EmpiricalFlowModel:
         self.folder, self.k, self.seed = str(folder), int(clips_per_prompt), int(seed)
         self.model = load_model(folder)
         self.codec = self.model.codec
-        self.name = f"empirical_flow(K={self.k}, seed={self.seed}, codec={self.folder})"
+        # Named by what defines it (K, seed, the codec's settings), not by the folder's path: the same
+        # codec under another folder name is the same real score, so ToyBench reuses its scores.
+        settings = {k: v for k, v in dict(self.codec.config).items() if not k.startswith("_")}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.name = f"empirical_flow(K={self.k}, seed={self.seed}, codec={digest})"
         self._flows: dict[int, EmpiricalFlow] = {}
 
     def flow(self, num_frames: int) -> EmpiricalFlow:

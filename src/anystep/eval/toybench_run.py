@@ -273,6 +273,9 @@ def run_toybench(
     context = real_context(model, real_videos, int(context_frames)) if context_frames else None
     result: dict = {
         "model_folder": str(model_folder),
+        # A model that is not a folder is told apart by its name (the empirical flow's K, seed and
+        # codec); a folder's path is not compared, so a renamed copy keeps its scores.
+        "model_name": model.name if hasattr(model, "generate_videos") else None,
         "kind": model.kind,
         "toybench_version": TOYBENCH_VERSION,
         "num_frames": num_frames,
@@ -294,7 +297,7 @@ def run_toybench(
         was = {"context_frames": 0, "guidance_scale": DEFAULT_TEACHER_GUIDANCE if guided else None, "toybench_version": 1,
                "teacher_reference": None, "sampler": result["sampler"] if sampler is None else None}
         same = all(prev.get(k, was.get(k)) == result[k]
-                   for k in ("model_folder", "prompts", "num_frames", "kind", "context_frames", "guidance_scale",
+                   for k in ("model_name", "prompts", "num_frames", "kind", "context_frames", "guidance_scale",
                              "toybench_version", "teacher_reference", "sampler"))
         if same:
             result["results"] = {k: v for k, v in prev.get("results", {}).items() if (out_dir / f"samples_{k}.npy").exists()}
