@@ -195,8 +195,9 @@ class Page:
 
         def first_frame():
             state = self.video(video)
-            if self.text("message").startswith("Cannot") and self.text("message") != said:
-                raise AssertionError(f"the page says: {self.text('message')}")
+            message = self.text("message")  # read once: the page may redraw it between two reads
+            if message.startswith("Cannot") and message != said:
+                raise AssertionError(f"the page says: {message}")
             return state if state and state["src"] != before and state["ready"] >= 2 else None
 
         state = self.wait(first_frame, timeout, f"a new clip in #{video}")
