@@ -103,6 +103,7 @@ _CHOICES = {
     "real_score": ("teacher", "empirical"),
 }
 _INT_LISTS = ("chunk_partition", "step_budgets")
+_NAME_LISTS = {"log_to": ("tensorboard", "wandb")}
 
 
 def validate(cfg) -> None:
@@ -136,6 +137,9 @@ def validate(cfg) -> None:
     for k in _INT_LISTS:
         if k in values and not all(isinstance(x, int) and x >= 1 for x in values[k]):
             bad(k, "a list of integers >= 1")
+    for k, choices in _NAME_LISTS.items():
+        if k in values and not all(x in choices for x in values[k]):
+            bad(k, f"a list of {', '.join(choices)} (none: an empty list)")
 
 
 def _coerce(key: str, value, f: dataclasses.Field):
@@ -156,6 +160,12 @@ def _coerce(key: str, value, f: dataclasses.Field):
             return int(value)
         if isinstance(default, float) and not isinstance(value, bool):
             return float(value)
+        if key in _NAME_LISTS:
+            # On the command line a list of names reads as `key=a,b`, and `key=none` is no names.
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+                value = []
+            elif isinstance(value, str):
+                value = [x.strip() for x in value.split(",") if x.strip()]
         if isinstance(default, tuple):
             if not isinstance(value, (list, tuple)):
                 raise ValueError

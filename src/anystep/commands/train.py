@@ -15,6 +15,7 @@ from anystep.distributed import all_sum, launched_world_size, setup, shutdown
 from anystep.errors import UserError
 from anystep.models.toy import TOY_TRANSFORMER
 from anystep.train.checkpoint import CheckpointError, has_checkpoint, read_meta
+from anystep.train.loggers import check_loggers
 from anystep.train.registry import method_info, method_names
 from anystep.train.runfolder import claim_run_folder
 
@@ -86,6 +87,7 @@ def cmd_train(args) -> int:
     if launched_world_size() > 1 and args.method == "teacher":
         raise UserError("the toy teacher trains in one process; run `anystep train teacher` without torchrun")
     check(cfg)
+    check_loggers(cfg.log_to)
     allow = _allowed_changes(args.allow_changed, cfg)
     env = setup()
     with contextlib.ExitStack() as stack:

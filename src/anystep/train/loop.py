@@ -1,6 +1,7 @@
 """The one training loop: every method's updaters, stepped in order, with accumulation, JSONL
-metrics, a progress bar, atomic DCP checkpoints (:mod:`anystep.train.checkpoint`) whose resume
-continues with the same next loss at the same or another world size, and the final folder.
+metrics and the loggers of ``log_to`` (:mod:`anystep.train.loggers`), a progress bar, atomic DCP
+checkpoints (:mod:`anystep.train.checkpoint`) whose resume continues with the same next loss at
+the same or another world size, and the final folder.
 
 A method (``Stage1Method``, ``Stage2Method``, ``ConsistencyInitMethod``, ``TeacherMethod``) is a
 small class: it builds its modules, takes each micro-batch as an argument of its loss, and exposes
@@ -25,7 +26,7 @@ import torch
 
 from anystep.distributed import current, global_mean, setup, shutdown
 from anystep.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from anystep.train.common import JsonlLogger
+from anystep.train.loggers import RunLog
 from anystep.train.progress import Progress
 
 
@@ -53,7 +54,6 @@ class TrainLoop:
         self.out = Path(self.cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.step = 0
-        self.logger = JsonlLogger(self.out / "metrics.jsonl" if self.env.is_main else None)
 
     @property
     def accum(self) -> int:
@@ -92,10 +92,21 @@ class TrainLoop:
         return True
 
     def run(self, steps: int) -> None:
+        # Opened here, not in __init__: a resumed run's loggers need the step it resumed from.
+        log = RunLog(self.out if self.env.is_main else None, self.cfg, self.step)
+        try:
+            progress = Progress(self.method.title, steps, self.step, enabled=self.env.is_main, shown=self.method.shown)
+            self._steps(steps, progress, log)
+        except BaseException:
+            log.close(failed=True)
+            raise
+        log.close()
+        progress.close(str(self.out / "checkpoint"))
+
+    def _steps(self, steps: int, progress: Progress, log: RunLog) -> None:
         cfg, method = self.cfg, self.method
         mixed = bool(getattr(cfg, "mixed_precision", False))
         t0 = time.time()
-        progress = Progress(method.title, steps, self.step, enabled=self.env.is_main, shown=method.shown)
         while self.step < steps:
             rec, norms = run_updates(method.updaters, self.step, self.accum, self.env, mixed)
             self.step += 1
@@ -104,11 +115,11 @@ class TrainLoop:
             if extra or self.step % cfg.log_every == 0 or self.step == steps or self.step == 1:
                 lr = method.updaters[0].sched.get_last_lr()[0]
                 # "loss" is this step's (what resume and rank-parity checks compare); "*_mean" the window's.
-                self.logger.log({"step": self.step, **global_mean({**rec, **progress.window(self.step, lr)}), **norms,
-                                 "lr": lr, "time": time.time() - t0, **(extra or {})})
+                log.log({"step": self.step, **global_mean({**rec, **progress.window(self.step, lr)}), **norms,
+                         "lr": lr, "time": time.time() - t0, **(extra or {})})
             if self.step % cfg.ckpt_every == 0 or self.step == steps:
                 self.save()
-        progress.close(str(self.out / "checkpoint"))
+                log.flush()  # the event files on disk reach at least the checkpoint's step
 
 
 def write_resolved_config(out: Path, cfg) -> None:

@@ -35,7 +35,7 @@ from anystep.train.checkpoint import CHECKPOINT_DIR, missing_piece, read_meta, r
 
 RUN_KIND = "run"
 # Changing these on resume is what resuming is for (a longer run, other logging); the run honours them.
-FREE_ON_RESUME = {"steps", "log_every", "ckpt_every", "probe_every", "threads", "out"}
+FREE_ON_RESUME = {"steps", "log_every", "log_to", "ckpt_every", "probe_every", "threads", "out"}
 # The global batch (batch_size x ranks x grad_accum) fixes the data position and the random draws
 # of every step: a resume may split it differently over ranks, never change it.
 BATCH_KEYS = {"batch_size", "grad_accum"}

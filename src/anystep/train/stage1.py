@@ -98,6 +98,7 @@ class Stage1Config:
     lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     seed: int = 0
     log_every: int = 10
+    log_to: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl: tensorboard (RUN/tensorboard/), wandb; none: neither
     ckpt_every: int = 100
     threads: int = 0
     gradient_checkpointing: bool = False

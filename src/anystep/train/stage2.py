@@ -124,6 +124,7 @@ class Stage2Config:
     ema_start: int = 200
     seed: int = 0
     log_every: int = 10
+    log_to: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl: tensorboard (RUN/tensorboard/), wandb; none: neither
     ckpt_every: int = 100
     threads: int = 0
     gradient_checkpointing: bool = False  # student, and the critic when it is trained in full

@@ -80,6 +80,7 @@ class TeacherConfig:
     first_frame_offset: float = 0.0
     seed: int = 0
     log_every: int = 25
+    log_to: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl: tensorboard (RUN/tensorboard/), wandb; none: neither
     probe_every: int = 250
     ckpt_every: int = 500
     threads: int = 0
