@@ -40,6 +40,8 @@ def test_generate_writes_mp4_and_png(teacher_dir, tmp_path, capsys):
 
     frames = imageio.mimread(out)
     assert len(frames) == 7 and frames[0].shape == (128, 128, 3)
+    grid = imageio.imread(out.with_suffix(".png"))
+    assert grid.shape[0] > 128 and len(np.unique(grid[: grid.shape[0] - 128].reshape(-1, 3), axis=0)) > 1  # the label band
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -48,7 +50,28 @@ def test_generate_from_prompt_file(teacher_dir, tmp_path):
     prompts.write_text("a red three moving left\na blue one moving up\n")
     out = tmp_path / "clips"
     assert main(["generate", "--model", str(teacher_dir), "--prompts", str(prompts), "--steps", "1", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [".anystep", "0000.mp4", "0001.mp4", "grid.png", "prompts.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".anystep", "0000-a-red-three-moving-left.mp4",
+                                                      "0001-a-blue-one-moving-up.mp4", "grid.png", "prompts.txt"]
+    import imageio.v2 as imageio
+
+    # Rows of 7 frames of 64 px, each under a band holding its prompt.
+    grid = imageio.imread(out / "grid.png")
+    band = (grid.shape[0] + 2) // 2 - 64 - 2
+    assert band > 0 and grid.shape[1] == 7 * 66 - 2
+    for top in (0, band + 64 + 2):
+        assert len(np.unique(grid[top : top + band].reshape(-1, 3), axis=0)) > 1
+    assert not np.array_equal(grid[:band], grid[band + 66 : 2 * band + 66])  # two prompts, two labels
+
+
+def test_clip_names_follow_their_prompts():
+    from anystep.io import clip_name
+
+    assert clip_name(0, "A red THREE, moving left!") == "0000-a-red-three-moving-left.mp4"
+    assert clip_name(12, "  x  ") == "0012-x.mp4"
+    assert clip_name(1, "???") == "0001.mp4"  # nothing left to name it after: the index alone
+    long = clip_name(2, "a green seven moving up " * 10)
+    assert long.startswith("0002-a-green-seven-moving-up-") and len(long) <= 5 + 60 + 4 and "--" not in long
+    assert clip_name(3, "same") != clip_name(4, "same")
 
 
 @pytest.mark.parametrize(

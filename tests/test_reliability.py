@@ -526,7 +526,7 @@ def test_clip_folders_are_replaced_only_when_ours_and_asked(models, tmp_path, ca
     refused(capsys, "already exists; pass --overwrite", *gen, clips)
     assert_unchanged(mine)
     assert run_cli(capsys, *gen, clips, "--overwrite", "--seed", "1")[0] == 0
-    assert snapshot(clips) != mine and (clips / "0001.mp4").is_file()
+    assert snapshot(clips) != mine and (clips / "0001-a-blue-two-moving-left.mp4").is_file()
     # Our model folder is not a clip folder: refused even with --overwrite.
     model = snapshot(run / "model")
     refused(capsys, "not a clips folder", *gen, run / "model", "--overwrite")

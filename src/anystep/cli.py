@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", help="a file with one prompt per line")
     g.add_argument("--steps", type=int, default=4, help="sampling steps (network calls per clip: x2 for a guided teacher)")
     g.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
-    g.add_argument("--out", required=True, help="an .mp4 for one prompt, a folder for a prompt file")
+    g.add_argument("--out", required=True, help="an .mp4 for one prompt (its labelled frame grid beside it as .png); for a "
+                   "prompt file, a folder of NNNN-<prompt>.mp4 clips and grid.png")
     g.add_argument("--num-frames", type=int, default=None, help="frames per clip (default: the model's)")
     g.add_argument("--height", type=int, default=32, help="pixels")
     g.add_argument("--width", type=int, default=32, help="pixels")

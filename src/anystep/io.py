@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +97,61 @@ def write_mp4(video, path, fps: int = 4, scale: int = 4) -> Path:
     return atomic_files([mp4_item(video, path, fps, scale)])[0]
 
 
-def frame_grid(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
-    """Rows = clips, columns = frames, separated by a grey gap. Returns (H, W, 3) uint8."""
+def slug(prompt: str, limit: int = 60) -> str:
+    """A file-name part from a prompt: lower case, each run of characters other than a-z and 0-9
+    one '-' (portable on every file system), at most ``limit`` characters; '' for none left."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+
+
+def clip_name(index: int, prompt: str) -> str:
+    """``0003-a-red-three-moving-left.mp4``: the index keeps the prompt file's order and tells
+    repeated prompts apart; the slug says which prompt the clip shows."""
+    s = slug(prompt)
+    return f"{index:04d}-{s}.mp4" if s else f"{index:04d}.mp4"
+
+
+def frame_grid(videos, scale: int = 2, gap: int = 2, labels: list[str] | None = None) -> np.ndarray:
+    """Rows = clips, columns = frames, separated by a grey gap; with ``labels`` (the prompts), each
+    row's label is written in a dark band above it. Returns (H, W, 3) uint8."""
     rows = [upscale(to_uint8(v), scale) for v in videos]
     f, h, w, _ = rows[0].shape
-    grid = np.full((len(rows) * (h + gap) - gap, f * (w + gap) - gap, 3), 96, np.uint8)
+    band = _label_band_height() if labels is not None else 0
+    pitch = band + h + gap
+    grid = np.full((len(rows) * pitch - gap, f * (w + gap) - gap, 3), 96, np.uint8)
     for i, r in enumerate(rows):
+        top = i * pitch + band
+        grid[top - band : top] = 32
         for j in range(f):
-            grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = r[j]
+            grid[top : top + h, j * (w + gap) : j * (w + gap) + w] = r[j]
+    if labels is not None:
+        grid = _write_labels(grid, labels, pitch)
     return grid
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()  # Pillow's own font: no font file or matplotlib needed
+
+
+def _label_band_height() -> int:
+    return _font().getbbox("Ag")[3] + 4
+
+
+def _write_labels(grid: np.ndarray, labels: list[str], pitch: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image, font = Image.fromarray(grid), _font()
+    draw = ImageDraw.Draw(image)
+    room = grid.shape[1] - 4
+    for i, text in enumerate(labels):
+        # A prompt wider than the row is cut with "...": the full text is in prompts.txt.
+        if draw.textlength(text, font=font) > room:
+            while text and draw.textlength(text + "...", font=font) > room:
+                text = text[:-1]
+            text += "..."
+        draw.text((2, i * pitch + 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(image)
 
 
 def write_png(image: np.ndarray, path) -> Path:

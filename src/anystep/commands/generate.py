@@ -12,7 +12,7 @@ from anystep.commands.inputs import check_frames, default_frames, load, positive
 from anystep.conditioning import context_latents, read_frames
 from anystep.errors import UserError
 from anystep.fsutil import atomic_files, atomic_save_folder, check_out_file, check_out_folder
-from anystep.io import frame_grid, mp4_item, png_item, write_mp4, write_png
+from anystep.io import clip_name, frame_grid, mp4_item, png_item, write_mp4, write_png
 from anystep.models.latents import temporal_factor
 from anystep.sampling import generate, generate_latents, latents_to_video
 
@@ -56,13 +56,13 @@ def cmd_generate(args) -> int:
     if len(prompts) == 1:
         # The clip and its grid are renamed into place together, after both were written and checked.
         atomic_files([mp4_item(videos[0], out, fps=args.fps),
-                      png_item(frame_grid(videos[:1], scale=4), out.with_suffix(".png"))])
+                      png_item(frame_grid(videos[:1], scale=4, labels=prompts), out.with_suffix(".png"))])
         print(f"wrote {out} and {out.with_suffix('.png')}")
     else:
         def write(tmp):
-            for i, v in enumerate(videos):
-                write_mp4(v, tmp / f"{i:04d}.mp4", fps=args.fps)
-            write_png(frame_grid(videos, scale=2), tmp / "grid.png")
+            for i, (v, prompt) in enumerate(zip(videos, prompts)):
+                write_mp4(v, tmp / clip_name(i, prompt), fps=args.fps)
+            write_png(frame_grid(videos, scale=2, labels=prompts), tmp / "grid.png")
             (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
 
         atomic_save_folder(write, out, kind="clips")
