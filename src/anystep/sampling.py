@@ -41,8 +41,14 @@ DEFAULT_TEACHER_GUIDANCE = 4.0
 
 
 def initial_noise(shape_one: tuple[int, ...], n: int, seed: int) -> torch.Tensor:
-    """(n, *shape_one) standard normal noise, clip i drawn from generator seed ``seed + i``."""
-    return torch.stack([torch.randn(shape_one, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+    """(n, *shape_one) standard normal noise in the AnyFlow layout (frames, channels, h, w), clip i
+    drawn from generator seed ``seed + i`` in diffusers' pipeline layout (channels, frames, h, w): a
+    pipeline called with ``generator=torch.Generator().manual_seed(seed + i)`` starts from the same
+    noise."""
+    f, c = shape_one[:2]
+    pipeline_shape = (c, f, *shape_one[2:])
+    return torch.stack([torch.randn(pipeline_shape, generator=torch.Generator().manual_seed(seed + i)).transpose(0, 1)
+                        for i in range(n)])
 
 
 def guidance_of(model: LoadedModel, guidance_scale: float | None) -> float | None:

@@ -14,7 +14,7 @@ import torch
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig
 from anystep.models.latents import encode_pixels
-from anystep.models.text import encode_prompts
+from anystep.models.text import encode_prompts, text_rows
 
 
 class ToyBatches:
@@ -22,7 +22,7 @@ class ToyBatches:
         self.pipe = pipe
         self.world = WorldConfig(num_frames=num_frames)
         self.data = MovingDigits("train", self.world, seed=seed)
-        self.max_len = max_sequence_length or int(min(getattr(pipe.tokenizer, "model_max_length", 512), 512))
+        self.max_len = max_sequence_length or text_rows(pipe.tokenizer)
         self._emb: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -17,7 +17,6 @@ CARD_FILE = "README.md"
 # The toy world's canvas and clip lengths (docs/toy-world.md); a Wan VAE folder gets the reference
 # 81 frames at 480x832.
 TOY_SIZE = (32, 32)
-TOY_TEXT_TOKENS = 8
 
 _KIND = {
     "WanPipeline": "teacher (flow matching, Euler + classifier-free guidance)",
@@ -85,8 +84,6 @@ def snippet(folder_name: str, d: dict) -> str:
         f'    num_inference_steps={d["steps"]}, height={d["height"]}, width={d["width"]},',
         f'    num_frames={ask_frames},  # returns {d["frames"]} frames',
     ]
-    if d["toy"]:
-        lines.append(f'    max_sequence_length={TOY_TEXT_TOKENS},  # the toy text path is trained on {TOY_TEXT_TOKENS} tokens')
     if d["cls"] == "WanPipeline":
         lines.append(f'    guidance_scale={d["guidance"]},')
     lines += ['    generator=torch.Generator().manual_seed(0), output_type="np",', ").frames[0]",
@@ -144,14 +141,9 @@ def _same_clip_note(d: dict) -> str:
                 "`shift(linspace(1, 0, N + 1))`, where `WanPipeline`'s scheduler ends at 1/1000 and then jumps to 0:\n"
                 "the two give close but not identical clips.")
     return ("`anystep generate --seed S` draws clip i's noise from `torch.Generator().manual_seed(S + i)` in the\n"
-            "AnyFlow layout (frames, channels, height, width). The pipeline gives exactly that clip with\n"
-            "`latents=anystep.sampling.initial_noise(shape, 1, S).permute(0, 2, 1, 3, 4)`, where `shape` is\n"
-            f"`(latent frames, latent channels, height / s, width / s)` with the codec's spatial factor s: here\n"
-            f"`{_latent_shape(d)}`.")
-
-
-def _latent_shape(d: dict) -> tuple[int, ...]:
-    return ((d["frames"] - 1) // d["temporal"] + 1, d["z_dim"], d["height"] // d["spatial"], d["width"] // d["spatial"])
+            "pipeline's own layout, so the snippet above with `manual_seed(S)` gives exactly `anystep generate`'s clip\n"
+            "for the same prompt, steps and seed; for several prompts pass one generator per prompt,\n"
+            "`generator=[torch.Generator().manual_seed(S + i) for i in range(len(prompts))]`.")
 
 
 def write_model_card(folder, training: dict | None = None, name: str | None = None) -> Path:

@@ -118,17 +118,35 @@ def read_model_index(folder) -> dict:
     return data
 
 
+def is_toy_folder(folder) -> bool:
+    """A folder of the toy world: its ``vae`` is our space-to-depth codec."""
+    try:
+        return json.loads((Path(folder) / "vae" / "config.json").read_text()).get("_class_name") == "SpaceToDepthCodec"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def load_pipeline(folder, torch_dtype=None):
-    """Load any supported folder with the diffusers pipeline class it names."""
+    """Load any supported folder with the diffusers pipeline class it names. A toy folder's
+    transformer gets the padded-text cross-attention (anystep.models.padded_text)."""
     import diffusers
     from safetensors import SafetensorError
 
+    from anystep.models.padded_text import WAN_TEXT_LENGTH, use_padded_text
 
     data = read_model_index(folder)
     cls = getattr(diffusers, data["_class_name"])
     try:
         kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-        return cls.from_pretrained(str(folder), **kwargs)
+        pipe = cls.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFolderError(f"{folder}: cannot load model: {first}") from None
+    if is_toy_folder(folder):
+        trained_on = int(getattr(pipe.tokenizer, "model_max_length", WAN_TEXT_LENGTH))
+        if trained_on < WAN_TEXT_LENGTH:
+            raise ModelFolderError(
+                f"{folder}: a toy folder trained on text padded to {trained_on} rows (anystep before the toy "
+                f"followed Wan's {WAN_TEXT_LENGTH}); diffusers' defaults would condition it wrongly: retrain it")
+        use_padded_text(pipe.transformer)
+    return pipe

@@ -33,7 +33,10 @@ class LoadedModel:
 
     @property
     def max_sequence_length(self) -> int:
-        return int(min(getattr(self.pipe.tokenizer, "model_max_length", 512) or 512, 512))
+        """Rows our code encodes prompts to (the toy's compact rows; Wan's 512)."""
+        from anystep.models.text import text_rows
+
+        return text_rows(self.pipe.tokenizer)
 
     @property
     def shift(self) -> float:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from anystep.models.folders import ModelFolderError, load_pipeline, read_model_index, save_anyflow_folder
+from anystep.models.folders import ModelFolderError, is_toy_folder, load_pipeline, read_model_index, save_anyflow_folder
+from anystep.models.padded_text import text_length, use_padded_text
 
 
 #: Reference causal chunk partition (docs/design.md section 3: 81 frames = 21 latents = 1 + 6*3 + 2).
@@ -192,7 +193,8 @@ def _load_wan_transformer(teacher):
         index = read_model_index(folder)
         if index["_class_name"] != "WanPipeline":
             raise ValueError(f"{folder} is a {index['_class_name']} folder, not a Wan teacher (WanPipeline)")
-        return WanTransformer3DModel.from_pretrained(str(folder), subfolder="transformer")
+        transformer = WanTransformer3DModel.from_pretrained(str(folder), subfolder="transformer")
+        return use_padded_text(transformer) if is_toy_folder(folder) else transformer
     if (folder / "config.json").exists():
         cls = json.loads((folder / "config.json").read_text()).get("_class_name")
         if cls != "WanTransformer3DModel":
@@ -261,6 +263,8 @@ def student_from_teacher(
     device = next(teacher.parameters()).device
     student.to(device)  # non-persistent buffers (e.g. the gate) were built on the CPU
     student.train(teacher.training)
+    if text_length(teacher) is not None:
+        use_padded_text(student, text_length(teacher))
     return student
 
 

@@ -2,8 +2,10 @@
 
 The toy world uses the same classes and the same encoding rule as Wan / AnyFlow pipelines
 (``AutoTokenizer`` + ``UMT5EncoderModel``; embeddings cut at the true sequence length and
-zero-padded to ``max_sequence_length``), so training and the stock pipelines see identical
-conditioning. Nothing is fetched from a hub.
+zero-padded to ``max_sequence_length``, 512 by default), so the stock pipelines' defaults are
+right for toy folders. Our own code encodes the toy's short prompts to ``TOY_TEXT_ROWS`` compact
+rows instead, which :mod:`anystep.models.padded_text` makes attend exactly like 512 zero-padded
+ones. Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from anystep.data.moving_digits import vocabulary
 
-TOY_MAX_SEQUENCE_LENGTH = 8
+from anystep.models.padded_text import WAN_TEXT_LENGTH
+
+# Rows our code encodes a toy prompt to (the world's prompts are 5 words + </s>); the last row is
+# always a pad, which is how the padded-text attention finds the pads.
+TOY_TEXT_ROWS = 8
+# A word-level vocabulary this small is the toy's, never a real T5 tokenizer's.
+_TOY_VOCAB_LIMIT = 1000
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 
 
@@ -35,7 +43,7 @@ def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerF
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=TOY_MAX_SEQUENCE_LENGTH,
+        model_max_length=WAN_TEXT_LENGTH,
     )
 
 
@@ -63,12 +71,21 @@ def encode_prompts(
     tokenizer,
     text_encoder: UMT5EncoderModel,
     prompts: list[str],
-    max_sequence_length: int = TOY_MAX_SEQUENCE_LENGTH,
+    max_sequence_length: int = TOY_TEXT_ROWS,
 ) -> torch.Tensor:
-    """Prompt embeddings exactly as diffusers' Wan/AnyFlow ``_get_t5_prompt_embeds`` makes them.
+    """Prompt embeddings as diffusers' Wan/AnyFlow ``_get_t5_prompt_embeds`` makes them, zero-padded
+    to ``max_sequence_length`` rows.
 
+    Fewer rows than Wan's 512 is the compact form: a prompt must then leave at least one pad row
+    (a longer one is refused rather than cut, since the stock pipeline would not cut it).
     Differentiable (no ``no_grad`` here), so a teacher can train its text encoder jointly.
     """
+    if max_sequence_length < WAN_TEXT_LENGTH:
+        lengths = [len(ids) for ids in tokenizer([" ".join(p.split()) for p in prompts]).input_ids]
+        if lengths and max(lengths) >= max_sequence_length:
+            worst = prompts[lengths.index(max(lengths))]
+            raise ValueError(f"prompt {worst!r} is {max(lengths)} tokens; the toy text path takes at most "
+                             f"{max_sequence_length - 1} (its prompts read like 'a red three moving left')")
     inputs = tokenizer(
         [" ".join(p.split()) for p in prompts],
         padding="max_length",
@@ -83,3 +100,15 @@ def encode_prompts(
     hidden = text_encoder(ids, mask).last_hidden_state
     # Zero every position past the true length, as the pipelines do.
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def is_toy_tokenizer(tokenizer) -> bool:
+    return len(tokenizer) < _TOY_VOCAB_LIMIT
+
+
+def text_rows(tokenizer) -> int:
+    """Rows our code encodes prompts to: the toy's compact ``TOY_TEXT_ROWS``; otherwise the
+    tokenizer's length, at most Wan's 512."""
+    if is_toy_tokenizer(tokenizer):
+        return TOY_TEXT_ROWS
+    return int(min(getattr(tokenizer, "model_max_length", WAN_TEXT_LENGTH) or WAN_TEXT_LENGTH, WAN_TEXT_LENGTH))

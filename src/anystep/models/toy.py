@@ -22,4 +22,7 @@ TOY_TRANSFORMER = dict(
 
 
 def build_toy_transformer(**overrides) -> WanTransformer3DModel:
-    return WanTransformer3DModel(**{**TOY_TRANSFORMER, **overrides})
+    """A toy Wan transformer that attends to compact text rows as to Wan's 512 padded ones."""
+    from anystep.models.padded_text import use_padded_text
+
+    return use_padded_text(WanTransformer3DModel(**{**TOY_TRANSFORMER, **overrides}))

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from transformers import UMT5EncoderModel
 
 from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt
 from anystep.flow.matching import per_sample_mse, squared_error, training_sigma, velocity_target, x0_from_velocity
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from anystep.models.card import training_rows
 from anystep.models.codec import SpaceToDepthCodec, fit_codec
-from anystep.models.folders import load_pipeline, save_teacher_folder
+from anystep.models.folders import read_model_index, save_teacher_folder
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
 from anystep.models.toy import build_toy_transformer
 from anystep.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_meta
@@ -215,9 +217,12 @@ def _init_weights(path: str, both: torch.nn.Module) -> dict | None:
             ema = {n: torch.empty_like(p) for n, p in weights.items()}
             load_checkpoint(path, {"model": weights, "ema": ema}, single_process=True)
             return ema
-        pipe = load_pipeline(path)
-        both["transformer"].load_state_dict(pipe.transformer.state_dict())
-        both["text_encoder"].load_state_dict(pipe.text_encoder.state_dict())
+        # The weights only: a folder whose text padding predates today's is a valid starting point.
+        read_model_index(path)
+        both["transformer"].load_state_dict(
+            WanTransformer3DModel.from_pretrained(str(path), subfolder="transformer").state_dict())
+        both["text_encoder"].load_state_dict(
+            UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder").state_dict())
         return None
     except (RuntimeError, CheckpointError) as e:
         kinds = [k for k in ("Missing key", "Unexpected key", "size mismatch") if k in str(e)]
