@@ -215,13 +215,24 @@ def test_bf16_policy_keeps_timesteps_fp32(teacher_dir, reference, tmp_path):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_bf16_policy_stage2_tracks_fp32(teacher_dir, reference, tmp_path, causal):
+def test_bf16_policy_stage2_tracks_fp32(tmp_path, causal):
     """Sharded Stage 2 under FSDP's bf16 parameter policy (forced on CPU) against the 1-process
     fp32 run. peft's ``disable_adapters`` freezes the critic's LoRA for the real score, the
     teacher's first forward; FSDP fixed each group's gradient dtype there and then handed bf16
     gradients to the fp32 shards, so this run used to fail in the critic's backward. bf16 compute
-    moves the DMD loss by ~0.5% and the rest by ~1e-4 (measured); the bounds leave room."""
-    student, kw = stage2_student(teacher_dir, reference, tmp_path, causal)
+    moves (measured, both architectures, 2 steps) the DMD loss by up to 1.0%, the critic's gradient
+    norm by up to 2.7%, the other gradient norm and losses by up to 0.5%; the bounds leave 2-3x.
+
+    The shipped teacher, not the 2-step tiny one: the DMD signal is the real score's guidance term
+    w (v_c - v_u), and a teacher that barely tells prompts apart (v_c - v_u ~1% of v once its
+    cross-attention sees Wan's 512 text rows, ~5 of them the prompt) puts it at bf16's rounding."""
+    from anystep.models.students import student_folder_from_teacher
+
+    teacher = str(Path(__file__).resolve().parents[1] / "models" / "toy-teacher")
+    kw = dict(rollout="flowmap", causal=True, num_frames=4) if causal else dict(rollout="flowmap")
+    student = student_folder_from_teacher(teacher, tmp_path / "student", causal=causal,
+                                          chunk_partition=json.loads(CAUSAL_PART) if causal else None)
+    teacher_dir = teacher
     launch(1, "stage2", *stage2_args(teacher_dir, student, tmp_path / "fp32", 4, **kw))
     env = {**_env(), "ANYSTEP_FSDP_BF16_ON_CPU": "1"}
     p = subprocess.run(_cmd(2, "stage2", stage2_args(teacher_dir, student, tmp_path / "bf16", 2, **kw)), env=env,
@@ -229,8 +240,8 @@ def test_bf16_policy_stage2_tracks_fp32(teacher_dir, reference, tmp_path, causal
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    bounds = {"loss_dmd": 3e-2, "grad_norm_generator": 1e-2, "grad_norm_critic": 1e-2,
-              "loss_stage1": 2e-3, "loss_critic": 2e-3}
+    bounds = {"loss_dmd": 3e-2, "grad_norm_generator": 5e-2, "grad_norm_critic": 5e-2,
+              "loss_stage1": 1e-2, "loss_critic": 1e-2}
     for ra, rb in zip(one, two):
         for k, rel in bounds.items():
             assert rb[k] == pytest.approx(ra[k], rel=rel), (k, ra["step"], ra[k], rb[k])
