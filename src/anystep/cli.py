@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="the paper in miniature: train every method, sweep NFE, write the report")
     r.add_argument("--out", required=True)
-    r.add_argument("--quick", action="store_true", help="the ~7-minute CPU version (the README's main job)")
+    r.add_argument("--quick", action="store_true", help="the ~8-minute CPU version (the README's main job)")
     r.add_argument("--teacher", default=None, help="a Wan teacher folder (default: the shipped toy teacher)")
     r.add_argument("--no-cost", action="store_true", help="skip the per-iteration cost measurement")
     r.set_defaults(func="tools:cmd_reproduce")
