@@ -180,6 +180,14 @@ def test_teacher_init_must_be_a_checkpoint_or_a_teacher_folder(tmp_path, capsys)
     assert main(base + [f"init={tmp_path / 'empty'}"]) == 2
     assert "empty" in _err(capsys)
     assert not out.exists()
+    # A student folder is not a teacher, although most of its weights would load.
+    from anystep.models.students import student_folder_from_teacher
+
+    student = student_folder_from_teacher(Path("models/toy-teacher"), tmp_path / "student")
+    capsys.readouterr()
+    assert main(base + [f"init={student}"]) == 2
+    assert "a teacher fine-tune starts from a Wan teacher folder" in _err(capsys)
+    assert not out.exists()
 
 
 def test_teacher_init_that_does_not_fit_the_transformer_is_one_error_line(tmp_path, capsys):

@@ -12,7 +12,9 @@ import torch
 
 from anystep.models.padded_text import WAN_TEXT_LENGTH, pad_logit_bias, text_length, use_padded_text
 from anystep.models.students import student_from_teacher
-from anystep.models.text import TOY_TEXT_ROWS, build_tiny_umt5, build_word_tokenizer, encode_prompts, text_rows
+from anystep.errors import UserError
+from anystep.models.text import (TOY_TEXT_ROWS, PromptTooLongError, build_tiny_umt5, build_word_tokenizer,
+                                 encode_prompts, text_rows)
 from anystep.models.toy import build_toy_transformer
 from anystep.models.velocity import flow_map_velocity
 
@@ -90,11 +92,30 @@ def test_compact_text_equals_wan_padding_through_the_stock_processor(text, kind)
 def test_a_prompt_that_fills_the_compact_rows_is_refused(text):
     tok, _, _ = text
     enc = build_tiny_umt5(len(tok), seed=0)
-    with pytest.raises(ValueError, match="at most 7"):
+    with pytest.raises(PromptTooLongError, match="at most 7") as err:
         encode_prompts(tok, enc, ["a red three moving left and then up"], TOY_TEXT_ROWS)
+    assert isinstance(err.value, UserError)  # one line for the user (the CLI and the studio)
 
 
 def test_installing_twice_wraps_once():
     model = build_toy_transformer()
     use_padded_text(model)
     assert all(not hasattr(b.attn2.processor.inner, "inner") for b in model.blocks)
+
+
+def test_backend_settings_reach_the_stock_processor():
+    model = build_toy_transformer()
+    proc = model.blocks[0].attn2.processor
+    proc._attention_backend = "native"
+    assert proc.inner._attention_backend == "native" and proc.logical_length == WAN_TEXT_LENGTH
+
+
+def test_compact_rows_only_where_the_padded_attention_is():
+    from diffusers import WanTransformer3DModel
+
+    from anystep.models.toy import TOY_TRANSFORMER
+
+    tok = build_word_tokenizer()
+    assert text_rows(tok, build_toy_transformer()) == TOY_TEXT_ROWS
+    # A stock transformer would read compact rows as another prompt: it gets Wan's 512.
+    assert text_rows(tok, WanTransformer3DModel(**TOY_TRANSFORMER)) == WAN_TEXT_LENGTH

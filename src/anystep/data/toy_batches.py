@@ -22,7 +22,7 @@ class ToyBatches:
         self.pipe = pipe
         self.world = WorldConfig(num_frames=num_frames)
         self.data = MovingDigits("train", self.world, seed=seed)
-        self.max_len = max_sequence_length or text_rows(pipe.tokenizer)
+        self.max_len = max_sequence_length or text_rows(pipe.tokenizer, pipe.transformer)
         self._emb: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

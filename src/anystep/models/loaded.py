@@ -36,7 +36,7 @@ class LoadedModel:
         """Rows our code encodes prompts to (the toy's compact rows; Wan's 512)."""
         from anystep.models.text import text_rows
 
-        return text_rows(self.pipe.tokenizer)
+        return text_rows(self.pipe.tokenizer, self.transformer)
 
     @property
     def shift(self) -> float:

@@ -55,11 +55,20 @@ class PaddedTextAttention:
             attention_mask = pad_logit_bias(encoder_hidden_states, self.logical_length, _query_dtype(hidden_states))
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
+    # diffusers sets and reads backend attributes on processors (``set_attention_backend``):
+    # they belong to the stock one, which does the attention.
+    _OWN = ("inner", "logical_length")
+
     def __getattr__(self, name):
-        # diffusers sets and reads backend attributes on processors; they belong to the stock one.
-        if name in ("inner", "logical_length"):
+        if name in self._OWN:
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
 
 
 def _query_dtype(hidden_states: torch.Tensor) -> torch.dtype:

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from anystep.data.moving_digits import vocabulary
 
-from anystep.models.padded_text import WAN_TEXT_LENGTH
+from anystep.errors import UserError
+from anystep.models.padded_text import WAN_TEXT_LENGTH, text_length
 
 # Rows our code encodes a toy prompt to (the world's prompts are 5 words + </s>); the last row is
 # always a pad, which is how the padded-text attention finds the pads.
@@ -23,6 +24,10 @@ TOY_TEXT_ROWS = 8
 # A word-level vocabulary this small is the toy's, never a real T5 tokenizer's.
 _TOY_VOCAB_LIMIT = 1000
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+
+
+class PromptTooLongError(UserError, ValueError):
+    """A prompt that would fill the compact rows: one line for the user, a ValueError for callers."""
 
 
 def build_word_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -84,7 +89,7 @@ def encode_prompts(
         lengths = [len(ids) for ids in tokenizer([" ".join(p.split()) for p in prompts]).input_ids]
         if lengths and max(lengths) >= max_sequence_length:
             worst = prompts[lengths.index(max(lengths))]
-            raise ValueError(f"prompt {worst!r} is {max(lengths)} tokens; the toy text path takes at most "
+            raise PromptTooLongError(f"prompt {worst!r} is {max(lengths)} tokens; the toy text path takes at most "
                              f"{max_sequence_length - 1} (its prompts read like 'a red three moving left')")
     inputs = tokenizer(
         [" ".join(p.split()) for p in prompts],
@@ -106,9 +111,10 @@ def is_toy_tokenizer(tokenizer) -> bool:
     return len(tokenizer) < _TOY_VOCAB_LIMIT
 
 
-def text_rows(tokenizer) -> int:
-    """Rows our code encodes prompts to: the toy's compact ``TOY_TEXT_ROWS``; otherwise the
-    tokenizer's length, at most Wan's 512."""
-    if is_toy_tokenizer(tokenizer):
+def text_rows(tokenizer, transformer=None) -> int:
+    """Rows our code encodes prompts to: the compact ``TOY_TEXT_ROWS`` for a toy tokenizer feeding
+    a transformer with the padded-text attention (without it, compact rows would be another
+    conditioning than the stock pipeline's); otherwise the tokenizer's length, at most Wan's 512."""
+    if is_toy_tokenizer(tokenizer) and (transformer is None or text_length(transformer) is not None):
         return TOY_TEXT_ROWS
     return int(min(getattr(tokenizer, "model_max_length", WAN_TEXT_LENGTH) or WAN_TEXT_LENGTH, WAN_TEXT_LENGTH))

@@ -21,7 +21,7 @@ from anystep.flow.matching import per_sample_mse, squared_error, training_sigma,
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from anystep.models.card import training_rows
 from anystep.models.codec import SpaceToDepthCodec, fit_codec
-from anystep.models.folders import read_model_index, save_teacher_folder
+from anystep.models.folders import save_teacher_folder
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
 from anystep.models.toy import build_toy_transformer
 from anystep.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_meta
@@ -217,14 +217,14 @@ def _init_weights(path: str, both: torch.nn.Module) -> dict | None:
             ema = {n: torch.empty_like(p) for n, p in weights.items()}
             load_checkpoint(path, {"model": weights, "ema": ema}, single_process=True)
             return ema
-        # The weights only: a folder whose text padding predates today's is a valid starting point.
-        read_model_index(path)
+        # The weights only (the config check made sure it is a teacher folder): one whose text
+        # padding predates today's is a valid starting point.
         both["transformer"].load_state_dict(
             WanTransformer3DModel.from_pretrained(str(path), subfolder="transformer").state_dict())
         both["text_encoder"].load_state_dict(
             UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder").state_dict())
         return None
-    except (RuntimeError, CheckpointError) as e:
+    except (RuntimeError, OSError, CheckpointError) as e:
         kinds = [k for k in ("Missing key", "Unexpected key", "size mismatch") if k in str(e)]
         raise CheckpointError(f"init={path} does not fit this run's transformer or text encoder "
                               f"({', '.join(kinds) or type(e).__name__}); match `transformer` to it") from None
