@@ -98,6 +98,13 @@ def test_own_clips_encode_to_shards_exactly(teacher, tmp_path, capsys):
     ref = encode_pixels(model.codec, torch.from_numpy(ds.batch(range(3))[0]))
     # Exact codec: what is left is mp4 (yuv420) compression, small against the latent scale.
     assert data.latents.shape == ref.shape and (data.latents - ref).abs().mean() < 0.15
+    # A caption the toy text path cannot take is refused before anything is written.
+    (clips / "c2.txt").write_text("a red three moving left and then up and down\n")
+    capsys.readouterr()
+    assert main(["encode", "--model", str(teacher), "--clips", str(clips), "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anystep: error: prompt 'a red three moving left and then up and down' is 11 tokens")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "o3").exists()
     (clips / "c1.txt").unlink()
     capsys.readouterr()
     assert main(["encode", "--model", str(teacher), "--clips", str(clips), "--out", str(tmp_path / "o2")]) == 2

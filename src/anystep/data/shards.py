@@ -31,7 +31,7 @@ from anystep.conditioning import read_frames
 from anystep.data.toy_batches import ToyBatches
 from anystep.fsutil import atomic_write, has_entries
 from anystep.models.latents import encode_pixels
-from anystep.models.text import encode_prompts
+from anystep.models.text import check_prompts_fit, encode_prompts
 from anystep.sampling import generate_latents
 
 MANIFEST = "manifest.json"
@@ -134,6 +134,8 @@ def encode_clips(model, clips_dir, out, shard_size: int = 16, progress=print) ->
         if not text:
             raise ShardError(f"caption {cap.name} is empty")
         captions.append(text)
+    # Every caption is checked before the first shard is written, not when its shard comes.
+    check_prompts_fit(model.pipe.tokenizer, captions, model.max_sequence_length)
     first = read_frames(videos[0])
     manifest = {"source": str(clips_dir), "codec": type(model.codec).__name__, "shard_size": shard_size,
                 "num_prompts": len(videos), "num_shards": (len(videos) + shard_size - 1) // shard_size,

@@ -85,12 +85,7 @@ def encode_prompts(
     (a longer one is refused rather than cut, since the stock pipeline would not cut it).
     Differentiable (no ``no_grad`` here), so a teacher can train its text encoder jointly.
     """
-    if max_sequence_length < WAN_TEXT_LENGTH:
-        lengths = [len(ids) for ids in tokenizer([" ".join(p.split()) for p in prompts]).input_ids]
-        if lengths and max(lengths) >= max_sequence_length:
-            worst = prompts[lengths.index(max(lengths))]
-            raise PromptTooLongError(f"prompt {worst!r} is {max(lengths)} tokens; the toy text path takes at most "
-                             f"{max_sequence_length - 1} (its prompts read like 'a red three moving left')")
+    check_prompts_fit(tokenizer, prompts, max_sequence_length)
     inputs = tokenizer(
         [" ".join(p.split()) for p in prompts],
         padding="max_length",
@@ -105,6 +100,17 @@ def encode_prompts(
     hidden = text_encoder(ids, mask).last_hidden_state
     # Zero every position past the true length, as the pipelines do.
     return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def check_prompts_fit(tokenizer, prompts: list[str], rows: int) -> None:
+    """Compact rows (fewer than Wan's 512) must keep a pad row after every prompt."""
+    if rows >= WAN_TEXT_LENGTH:
+        return
+    lengths = [len(ids) for ids in tokenizer([" ".join(p.split()) for p in prompts]).input_ids]
+    if lengths and max(lengths) >= rows:
+        worst = prompts[lengths.index(max(lengths))]
+        raise PromptTooLongError(f"prompt {worst!r} is {max(lengths)} tokens; the toy text path takes at most "
+                                 f"{rows - 1} (its prompts read like 'a red three moving left')")
 
 
 def is_toy_tokenizer(tokenizer) -> bool:
