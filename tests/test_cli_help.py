@@ -10,8 +10,10 @@ import pytest
 
 from anystep import __version__
 from anystep.cli import main
+from anystep.train.baselines import ConsistencyInitConfig
 from anystep.train.stage1 import Stage1Config
 from anystep.train.stage2 import Stage2Config
+from anystep.train.teacher import TeacherConfig
 
 
 def test_version(capsys):
@@ -28,7 +30,8 @@ def test_generate_help_shows_defaults_and_units(capsys):
     assert "(default: 4)" in out and "pixels (default: 32)" in out and "frames per second of the mp4" in out
 
 
-@pytest.mark.parametrize("method, cls", [("stage1", Stage1Config), ("stage2", Stage2Config)])
+@pytest.mark.parametrize("method, cls", [("stage1", Stage1Config), ("stage2", Stage2Config),
+                                         ("consistency_init", ConsistencyInitConfig), ("teacher", TeacherConfig)])
 def test_train_method_help_lists_every_config_key(method, cls, capsys):
     assert main(["train", method, "--help"]) == 0
     out = capsys.readouterr().out
@@ -38,6 +41,10 @@ def test_train_method_help_lists_every_config_key(method, cls, capsys):
     assert f"default {f.default!r}" in out  # each key with its type and default
     if method == "stage1":  # and the note written beside the field
         assert "default 'wt_first'" in out and "reference" in out.split("adaptive_order", 1)[1].splitlines()[0]
+    # Every key has a one-line note: its own comment, the comment above it, or the shared one.
+    rows = [line for line in out.split("config keys of", 1)[1].splitlines()[1:] if line.strip()]
+    undescribed = [r.split()[0] for r in rows if " -- " not in r or not r.split(" -- ", 1)[1].strip()]
+    assert undescribed == []
 
 
 def test_a_misspelt_key_gets_the_nearest_one(capsys):

@@ -62,10 +62,10 @@ class ConsistencyInitConfig:
     # v_u + w (v_c - v_u). 3.0: the guided field the flow-map students' forward stage regresses
     # (Eq. 6 fused at g = 3 makes u_c -> v_u + 3 (v_c - v_u)), so both families' first stage aim at
     # one target; both Stage 2s share the real score (v_c + 3 (v_c - v_u), CFG 4, the reference's).
-    teacher_guidance: float = 3.0
+    teacher_guidance: float = 3.0  # the ODE's guided field v_u + w (v_c - v_u), the flow-map students' target too
     # The ODE's teacher: "teacher" (the folder's network) or "empirical" (the toy world's exact flow,
     # as Stage 2's real_score; the student still starts from the folder's network).
-    real_score: str = "teacher"
+    real_score: str = "teacher"  # the ODE's teacher: teacher (the folder's network) | empirical (the exact flow)
     real_score_clips: int = 64
     steps: int = 600
     batch_size: int = 16

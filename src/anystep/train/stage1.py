@@ -68,7 +68,7 @@ class Stage1Config:
     causal: bool = False  # AnyFlow-FAR student (clean-context teacher forcing over the chunk partition)
     chunk_partition: tuple[int, ...] = (1, 3, 3, 3, 3)
     min_chunks: int = 3  # causal: with prob chunk_sample_prob the chunk count is U[min_chunks, n], else min_chunks
-    chunk_sample_prob: float = CHUNK_SAMPLE_PROB
+    chunk_sample_prob: float = CHUNK_SAMPLE_PROB  # causal: probability of a random chunk count (see min_chunks)
     bidirectional_aux_prob: float = 0.1  # causal: extra flow-matching pass over the whole clip, one chunk
     bidirectional_aux_fused: bool = True  # the aux pass guidance-fused at `guidance` (reference); False: unguided
     steps: int = 600
@@ -82,15 +82,15 @@ class Stage1Config:
     ema_decay: float = 0.999
     ema_start: int = 1000
     shift: float = 5.0
-    guidance: float = 3.0
-    null_prob: float = 0.1
-    fd_eps: float = 0.005
+    guidance: float = 3.0  # CFG scale fused into the student's target (Eq. 6)
+    null_prob: float = 0.1  # share of prompts replaced by the null prompt (the unconditional branch)
+    fd_eps: float = 0.005  # finite-difference step in sigma for du/dt (Eq. 4)
     loss_weight: str = "beta"  # beta | uniform | normal (Fig. 10)
-    adaptive: bool = True
+    adaptive: bool = True  # Eq. 7's adaptive weight on t != r samples; False: w(t) alone
     adaptive_order: str = "wt_first"  # wt_first: w(t) before Eq. 7 (reference code) | ratio_first: Eq. 7, then w(t)
-    adaptive_c: float = 1e-5
-    boundary_frac: float = 0.5
-    zero_frac: float = 0.25
+    adaptive_c: float = 1e-5  # Eq. 7's c, added to the denominator
+    boundary_frac: float = 0.5  # share of the batch at r = t (plain flow matching, the boundary)
+    zero_frac: float = 0.25  # share of the batch at r = 0; the rest are general (t, r) pairs
     timestep_cond: str = "interpolated"  # interpolated (gate 0.25 on emb'(r)) | zero_init (emb(t) + emb'(t - r))
     gate_value: float = 0.25
     lora_rank: int = 0  # 0 = full fine-tune

@@ -101,21 +101,21 @@ class Stage2Config:
     # "teacher": the teacher folder's network (the paper); "empirical": the exact flow of the toy
     # world's training clips (anystep.train.real_score), a real score with clean converged samples.
     # Either way the critic and the student start from the teacher folder's network.
-    real_score: str = "teacher"
+    real_score: str = "teacher"  # teacher: the folder's network (the paper) | empirical: the toy world's exact flow
     real_score_clips: int = 64  # empirical: training clips per prompt in its clip set
-    dmd_weight: float = 1.0
+    dmd_weight: float = 1.0  # weight of the DMD loss in the generator's objective
     stage1_weight: float = 1.0  # co-trained Stage-1 loss on the same batch; 0 switches it off
     stage1: dict = field(default_factory=dict)  # overrides for the co-trained Stage1Config
     # critic = LoRA on the teacher (rank 0: a full copy of the teacher, fully trained)
-    critic_lora_rank: int = 256
-    critic_lora_alpha: int = 256
-    critic_lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
+    critic_lora_rank: int = 256  # the critic is a LoRA on the teacher; 0: a full, fully trained copy
+    critic_lora_alpha: int = 256  # the critic LoRA's alpha
+    critic_lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS  # module names the critic LoRA adapts
     # student LoRA (0 = full fine-tune), as in Stage 1
     lora_rank: int = 0
     lora_alpha: int = 0
     lora_targets: tuple[str, ...] = REFERENCE_LORA_TARGETS
     lr: float = 2e-6
-    critic_lr: float = 2e-6
+    critic_lr: float = 2e-6  # the critic's learning rate (the fake score's flow-matching updates)
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     warmup: int = 0

@@ -50,31 +50,31 @@ class TeacherConfig:
     # On a 32x32 canvas the shifted logit-normal puts ~5% of samples below sigma 0.5, where the
     # digit's shape forms; the uniform share covers that range (see README, teacher provenance).
     uniform_t_frac: float = 0.0
-    null_prob: float = 0.1
-    train_text_encoder: bool = True
+    null_prob: float = 0.1  # share of prompts replaced by the null prompt (the unconditional branch)
+    train_text_encoder: bool = True  # train the tiny UMT5 jointly (students keep it frozen)
     # Experimental: weight of a hinge term asking the flow-matching error with the true prompt to
     # sit below the error with the direction reversed (left <-> right, up <-> down) by a relative
     # margin. See README, teacher provenance: plain flow matching leaves the teacher blind to the sign.
-    sign_weight: float = 0.0
-    sign_margin: float = 0.02
+    sign_weight: float = 0.0  # experimental: weight of the direction-sign hinge (0: off)
+    sign_margin: float = 0.02  # the sign hinge's relative margin
     # Keep the jointly trained text encoder from merging the two directions of an axis: a hinge
     # asking the embedding distance between a prompt and its direction-reversed twin to be at least
     # `text_sep_ratio` x the distance to a prompt with another colour, digit or axis. A teacher that
     # ignores the sign merged "left" and "right" (README, teacher provenance), which leaves every
     # student, whose encoder is the teacher's frozen one, no word to learn the sign from.
     text_sep_weight: float = 0.0
-    text_sep_ratio: float = 0.5
-    text_lr_mult: float = 1.0
+    text_sep_ratio: float = 0.5  # the separation hinge's ratio
+    text_lr_mult: float = 1.0  # the text encoder's learning rate as a multiple of lr
     num_frames: int = 7
     # A share of the steps trains on longer clips, so the teacher that scores causal students'
     # 13-frame rollouts (DMD's real score, the FAR fine-tune's target) has seen that length.
     # Each step's length is a function of (seed, step) alone, so a resumed run replays it.
     long_num_frames: int = 0
-    long_frac: float = 0.0
+    long_frac: float = 0.0  # share of the steps on long_num_frames clips
     # A fine-tuning phase: start model, text encoder and their EMAs from this teacher checkpoint
     # (or from a teacher folder's weights, e.g. the shipped models/toy-teacher) with a fresh
     # optimiser and schedule (the step counter restarts at 0).
-    init: str = ""
+    init: str = ""  # fine-tune: start from this teacher checkpoint or folder, fresh optimiser and schedule
     # The codec marks the first latent frame as the Wan VAE's causal encoder does (codec.py): an
     # absolute temporal anchor for a transformer whose positions are all relative.
     anchor_first_frame: bool = False
@@ -83,10 +83,10 @@ class TeacherConfig:
     seed: int = 0
     log_every: int = 25
     log_to: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl: tensorboard (RUN/tensorboard/), wandb; none: neither
-    probe_every: int = 250
+    probe_every: int = 250  # steps between text-sensitivity probes (logged beside the loss)
     ckpt_every: int = 500
     threads: int = 0
-    transformer: dict = field(default_factory=dict)
+    transformer: dict = field(default_factory=dict)  # overrides of the toy WanTransformer3DModel config
 
 
 def _latents(codec, videos: np.ndarray) -> torch.Tensor:
