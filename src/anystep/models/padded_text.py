@@ -100,4 +100,3 @@ def use_padded_text(transformer, logical_length: int = WAN_TEXT_LENGTH):
 def text_length(transformer) -> int | None:
     """The padded text length a transformer's cross-attention acts on, None for the stock one."""
     return getattr(transformer, _FLAG, None)
-

@@ -14,7 +14,6 @@ import torch
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from anystep.data.moving_digits import vocabulary
-
 from anystep.errors import UserError
 from anystep.models.padded_text import WAN_TEXT_LENGTH, text_length
 
