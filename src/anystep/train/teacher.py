@@ -7,6 +7,7 @@ mean); the trained encoder ships inside the teacher folder and stays frozen for 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +17,15 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from transformers import UMT5EncoderModel
 
+from anystep.config import ConfigError
 from anystep.data.moving_digits import MovingDigits, WorldConfig, make_prompt, opposite_direction, parse_prompt
 from anystep.flow.matching import per_sample_mse, squared_error, training_sigma, velocity_target, x0_from_velocity
 from anystep.flow.schedule import NUM_TRAIN_TIMESTEPS, add_noise
 from anystep.models.card import training_rows
-from anystep.models.codec import SpaceToDepthCodec, fit_codec
+from anystep.models.codec import SpaceToDepthCodec, fit_codec, project_codec
 from anystep.models.folders import save_teacher_folder
 from anystep.models.text import build_tiny_umt5, build_word_tokenizer, encode_prompts
-from anystep.models.toy import build_toy_transformer
+from anystep.models.toy import build_toy_transformer, project_transformer
 from anystep.train.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_meta
 from anystep.train.common import warmup_cooldown_lambda
 from anystep.train.loop import run_method
@@ -80,6 +82,11 @@ class TeacherConfig:
     anchor_first_frame: bool = False
     # The gentler anchor (codec.py): frame 0 shifted by this many channel stds, its shape kept.
     first_frame_offset: float = 0.0
+    # 0: the exact codec (48 channels a 4x4 block). N: each normalised block projected onto its N
+    # leading directions, fitted on training clips (codec.py), so that the transformer's output can
+    # span a whole token (toy.output_span). With `init` an exact-codec folder, the codec is fitted
+    # and the folder's transformer carried over to it (toy.project_transformer) before training.
+    codec_channels: int = 28
     seed: int = 0
     log_every: int = 25
     log_to: tuple[str, ...] = ("tensorboard",)  # besides metrics.jsonl: tensorboard (RUN/tensorboard/), wandb; none: neither
@@ -278,13 +285,31 @@ class TeacherMethod:
         else:
             self.codec = fit_codec(torch.from_numpy(self.data.batch(range(256))[0]),
                                    anchor_first_frame=cfg.anchor_first_frame, first_frame_offset=cfg.first_frame_offset)
+        project = cfg.codec_channels > 0 and not self.codec.projected
+        if project and init and has_checkpoint(init):
+            raise ConfigError(f"codec_channels={cfg.codec_channels} carries a teacher folder over to a projected "
+                              f"codec; init={init} is a run checkpoint: export it first (anystep export)")
         self.tokenizer = build_word_tokenizer()
         self.text_encoder = build_tiny_umt5(len(self.tokenizer), seed=cfg.seed)
         self.text_encoder.requires_grad_(cfg.train_text_encoder)
-        self.model = build_toy_transformer(**cfg.transformer)
-        self.model.train()
+        z = self.codec.config.z_dim
+        with warnings.catch_warnings():
+            if project:  # the exact-codec width only holds the init weights until they are carried over
+                warnings.simplefilter("ignore")
+            self.model = build_toy_transformer(**{"in_channels": z, "out_channels": z, **cfg.transformer})
         self.both = torch.nn.ModuleDict({"transformer": self.model, "text_encoder": self.text_encoder})
         ema = _init_weights(init, self.both) if init else None
+        if project:
+            exact = self.codec
+            self.codec = project_codec(exact, torch.from_numpy(self.data.batch(range(1024))[0]), cfg.codec_channels)
+            if init:
+                basis = torch.tensor(self.codec.config.basis)
+                self.model = project_transformer(self.model, basis)
+            else:
+                self.model = build_toy_transformer(**{"in_channels": cfg.codec_channels,
+                                                      "out_channels": cfg.codec_channels, **cfg.transformer})
+            self.both = torch.nn.ModuleDict({"transformer": self.model, "text_encoder": self.text_encoder})
+        self.model.train()
         self._build_updaters()
         if ema is not None:
             for k, v in ema.items():
