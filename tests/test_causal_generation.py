@@ -117,7 +117,10 @@ def test_toybench_image_to_video_keeps_each_real_first_frame(far, tmp_path):
     assert res["context_frames"] == 1
     shown = np.load(tmp_path / "i2v" / "samples_2.npy").astype(np.float32)
     real = real_clips_for(toybench_prompts(4, WorldConfig(num_frames=7)), WorldConfig(num_frames=7))
-    assert np.abs(shown[:, 0] - real[:, 0]).max() < 1e-2  # float16 storage
+    # The codec is lossy (as the Wan VAE is): frame 0 is the real frame's round trip through it.
+    codec = load_model(far.folder).codec
+    kept = codec.latents_to_pixels(codec.pixels_to_latents(torch.from_numpy(real))).numpy()
+    assert np.abs(shown[:, 0] - kept[:, 0]).max() < 1e-2  # float16 storage
     assert np.abs(shown[:, 1:] - real[:, 1:]).max() > 0.5  # the rest is generated
     with pytest.raises(ValueError, match=r"use one of \[1, 4\]"):
         run_toybench(far.folder, steps=(2,), out_dir=tmp_path / "bad", n_prompts=4, context_frames=2)

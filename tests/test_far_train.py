@@ -29,7 +29,7 @@ from anystep.models.velocity import flow_map_velocity, teacher_velocity
 from anystep.models.toy import TOY_TRANSFORMER
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
-B, F_LAT, C, H, W = 2, 7, 48, 8, 8  # toy world latents: 7 frames of 48 x 8 x 8
+B, F_LAT, C, H, W = 2, 7, TOY_TRANSFORMER["in_channels"], 8, 8  # toy world latents
 FULL_TPF, COMP_TPF = 16, 4  # tokens per frame with patch (1, 2, 2) / compressed patch (1, 4, 4)
 PARTITIONS = [(1, 3, 3), (1, 2, 2, 2)]  # no compressed chunk / one compressed context chunk
 

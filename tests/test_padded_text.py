@@ -15,8 +15,10 @@ from anystep.models.students import student_from_teacher
 from anystep.errors import UserError
 from anystep.models.text import (TOY_TEXT_ROWS, PromptTooLongError, build_tiny_umt5, build_word_tokenizer,
                                  encode_prompts, text_rows)
-from anystep.models.toy import build_toy_transformer
+from anystep.models.toy import TOY_TRANSFORMER, build_toy_transformer
 from anystep.models.velocity import flow_map_velocity
+
+TOY_CHANNELS = TOY_TRANSFORMER["in_channels"]  # latent channels of the shipped toy
 
 PROMPTS = ["a red three moving left", "", "a blue zero moving right"]
 
@@ -73,7 +75,7 @@ def test_compact_text_equals_wan_padding_through_the_stock_processor(text, kind)
         model = student_from_teacher(model)
     assert text_length(model) == WAN_TEXT_LENGTH
     stock = _stock(model)
-    x = torch.randn(3, 48, 7, 8, 8)
+    x = torch.randn(3, TOY_CHANNELS, 7, 8, 8)
     t = torch.tensor([900.0, 500.0, 100.0])
 
     def run(m, e):

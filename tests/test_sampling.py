@@ -7,6 +7,9 @@ from anystep.flow.schedule import sampling_grid
 from anystep.models.velocity import teacher_velocity
 from anystep.models.text import encode_prompts
 from anystep.sampling import generate, generate_latents, initial_noise, load_model, nfe
+from anystep.models.toy import TOY_TRANSFORMER
+
+TOY_CHANNELS = TOY_TRANSFORMER["in_channels"]  # latent channels of the shipped toy
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def test_teacher_pipeline_matches_independent_euler_cfg(teacher, steps, guidance
     got = generate_latents(teacher, prompts, steps, seed=5, guidance_scale=guidance)
 
     pipe = teacher.pipe
-    z = initial_noise((7, 48, 8, 8), len(prompts), 5)
+    z = initial_noise((7, TOY_CHANNELS, 8, 8), len(prompts), 5)
     with torch.no_grad():
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, teacher.max_sequence_length)
         null = encode_prompts(pipe.tokenizer, pipe.text_encoder, [""] * len(prompts), teacher.max_sequence_length)
@@ -98,4 +101,4 @@ def test_flow_matching_students_sample_like_the_teacher(teacher, tmp_path):
     far = student_from_teacher(pipe.transformer, causal=True, chunk_partition=(1, 3, 3)).eval()
     mf = load_model(save_anyflow_folder(tmp_path / "far", far, pipe.text_encoder, pipe.tokenizer, pipe.vae, sampler="euler_cfg"))
     z = generate_latents(mf, prompts, steps=2, seed=2)
-    assert z.shape == (2, 7, 48, 8, 8) and torch.isfinite(z).all()
+    assert z.shape == (2, 7, TOY_CHANNELS, 8, 8) and torch.isfinite(z).all()

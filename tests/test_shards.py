@@ -8,6 +8,9 @@ import torch
 from anystep.cli import main
 from anystep.data.shards import LatentShards, ShardError, shard_name, write_synthetic
 from anystep.sampling import generate_latents, load_model
+from anystep.models.toy import TOY_TRANSFORMER
+
+TOY_CHANNELS = TOY_TRANSFORMER["in_channels"]  # latent channels of the shipped toy
 
 PROMPTS = ["a red one moving left", "a blue two moving up", "a green three moving down", "a yellow four moving right",
            "a red five moving up"]
@@ -28,7 +31,7 @@ def test_shards_hold_the_teachers_samples_and_resume(teacher, tmp_path):
     p1 = write_synthetic(model, PROMPTS, out, steps=3, shard_size=2, seed=10, rank=1, world_size=2, progress=lambda m: None)
     assert [p.name for p in p0] == [shard_name(0), shard_name(2)] and [p.name for p in p1] == [shard_name(1)]
     data = LatentShards(out)
-    assert data.prompts == PROMPTS and data.latents.shape == (5, 7, 48, 8, 8)
+    assert data.prompts == PROMPTS and data.latents.shape == (5, 7, TOY_CHANNELS, 8, 8)
     # Clip i is the teacher's sample from seed 10 + i, whichever rank wrote it.
     ref = generate_latents(model, PROMPTS[2:4], 3, seed=12)
     assert torch.allclose(data.latents[2:4], ref, atol=1e-5)

@@ -10,6 +10,9 @@ from anystep.flow.stage1 import finite_difference_derivative, finite_difference_
 from anystep.models.students import student_from_teacher
 from anystep.models.velocity import flow_map_velocity
 from anystep.train.stage1 import Stage1Config, Stage1Method, flowmap_loss, train_stage1
+from anystep.models.toy import TOY_TRANSFORMER
+
+TOY_CHANNELS = TOY_TRANSFORMER["in_channels"]  # latent channels of the shipped toy
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_finite_difference_agrees_with_jvp(teacher_dir):
         for emb in (student.condition_embedder.time_embedder, student.condition_embedder.delta_embedder):
             emb.linear_1.weight[:, fast] = 0
     torch.manual_seed(0)
-    x, e = torch.randn(2, 7, 48, 8, 8), torch.randn(2, 7, 48, 8, 8)
+    x, e = torch.randn(2, 7, TOY_CHANNELS, 8, 8), torch.randn(2, 7, TOY_CHANNELS, 8, 8)
     emb = torch.randn(2, 8, 64)
     t, r = torch.tensor([0.8, 0.55]), torch.tensor([0.3, 0.1])
     z, v = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * e, e - x
@@ -105,7 +108,7 @@ def test_identity_at_t_equals_r_after_training(teacher_dir, tmp_path):
     from anystep.sampling import load_model
 
     m = load_model(folder)
-    z = torch.randn(1, 7, 48, 8, 8)
+    z = torch.randn(1, 7, TOY_CHANNELS, 8, 8)
     emb = torch.randn(1, 8, 64)
     for s in (0.9, 0.4):
         u = flow_map_velocity(m.transformer, z, s, s, emb)
@@ -145,7 +148,7 @@ def test_zero_init_conditioning_starts_at_the_teacher(teacher_dir):
     pipe = load_model(teacher_dir).pipe
     s = student_from_teacher(pipe.transformer).float().eval()
     zero_init_delta(s)
-    z, emb = torch.randn(1, 7, 48, 8, 8), torch.randn(1, 8, 64)
+    z, emb = torch.randn(1, 7, TOY_CHANNELS, 8, 8), torch.randn(1, 8, 64)
     with torch.no_grad():
         ref = teacher_velocity(pipe.transformer.float(), z, 0.6, emb)
         got = flow_map_velocity(s, z, 0.6, 0.2, emb)
@@ -228,7 +231,7 @@ def test_causal_stage1_writes_a_far_folder(teacher_dir, tmp_path):
     folder = train_stage1(_cfg(teacher_dir, tmp_path, causal=True, num_frames=13, steps=1))
     m = load_model(folder)
     assert m.kind == "anyflow_far"
-    assert generate_latents(m, ["a red one moving up"], 2, num_frames=13).shape == (1, 13, 48, 8, 8)
+    assert generate_latents(m, ["a red one moving up"], 2, num_frames=13).shape == (1, 13, TOY_CHANNELS, 8, 8)
 
 
 def test_flow_matching_baseline_trains_the_wan_teacher(teacher_dir, tmp_path):

@@ -21,10 +21,11 @@ from anystep.rollout import (
     flowmap_rollout,
 )
 from anystep.train.stage2 import Stage2Config, Stage2Method, train_stage2
+from anystep.models.toy import TOY_TRANSFORMER
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-B, F_LAT, C, H, W = 2, 7, 48, 8, 8
+B, F_LAT, C, H, W = 2, 7, TOY_TRANSFORMER["in_channels"], 8, 8  # toy world latents
 CAUSAL_PART = (1, 2, 2, 2)  # 4 chunks: the oldest goes to the compressed context at chunk 3
 
 

@@ -26,7 +26,7 @@ from anystep.models.toy import TOY_TRANSFORMER
 
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64)
 PROMPTS = ["a red 3 moving left", "a blue 7 moving up"]
-F_LAT, C, H, W = 7, 48, 8, 8  # the toy world: 7 frames, 32x32 pixels -> 48 x 8 x 8 latents
+F_LAT, C, H, W = 7, TOY_TRANSFORMER["in_channels"], 8, 8  # the toy world: 7 frames, 32x32 pixels -> C x 8 x 8 latents
 
 # FAR attention runs FlexAttention unfused on CPU (no torch.compile); torch warns once about it.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
