@@ -19,8 +19,8 @@ clips of every prompt of the world (a seeded draw of (sklearn *train* image of t
 cross-axis offset) pairs, rendered in the prompt's colour and direction as ``MovingDigits``
 renders them), so the conditional flow of a prompt is exact for its K clips and the unconditional
 one (for CFG) is the exact mixture over all prompts, uniform. All of it runs in the normalised
-latent space of a model folder's codec (the toy codec is affine and exact): latents
-(B, F, C, h, w), per-sample sigma, like the network teacher. ToyBench scores it through
+latent space of a model folder's codec (an affine map of pixels, so the flow is exact for the
+encoded clips): latents (B, F, C, h, w), per-sample sigma, like the network teacher. ToyBench scores it through
 :mod:`anystep.eval.empirical_teacher`.
 """
 
