@@ -109,6 +109,9 @@ def test_projected_codec_is_the_exact_codec_seen_through_an_orthonormal_basis(cl
         project_codec(proj, clips, 10)
     with pytest.raises(ValueError, match="needs a basis"):
         SpaceToDepthCodec(channels=20)
+    skew = [list(map(float, row)) for row in (basis * 1.01)]  # a hand-edited basis that no longer round-trips
+    with pytest.raises(ValueError, match="not orthonormal"):
+        SpaceToDepthCodec(**{**{k: v for k, v in proj.config.items() if not k.startswith("_")}, "basis": skew})
 
 
 def test_block_basis_is_the_leading_eigenvectors():
@@ -163,3 +166,8 @@ def test_teacher_run_carries_an_exact_folder_over_and_trains_on_the_projection(t
         warnings.simplefilter("error")
         model = load_model(out)
     assert model.codec.config.z_dim == 16 and model.latent_shape(7, 32, 32)[1] == 16
+    # Another channel count than the projected folder's is refused, not ignored.
+    from anystep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="codec of 16 channels; set codec_channels: 16"):
+        TeacherMethod(TeacherConfig(out=str(tmp_path / "q"), steps=1, init=str(out), codec_channels=28, **kw))

@@ -2,6 +2,8 @@
 
 import json
 
+import shutil
+
 import pytest
 import torch
 
@@ -40,6 +42,14 @@ def test_shards_hold_the_teachers_samples_and_resume(teacher, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes  # nothing regenerated
     with pytest.raises(ShardError, match="different settings"):
         write_synthetic(model, PROMPTS, out, steps=4, shard_size=2, seed=10, progress=lambda m: None)
+    # A teacher retrained in place (same path, other bytes) does not add shards to its old ones.
+    moved = tmp_path / "teacher"
+    shutil.copytree(teacher, moved)
+    write_synthetic(load_model(moved), PROMPTS[:2], tmp_path / "syn2", steps=1, shard_size=2, progress=lambda m: None)
+    sched = moved / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text() + "\n")
+    with pytest.raises(ShardError, match="teacher_sha256"):
+        write_synthetic(load_model(moved), PROMPTS[:2], tmp_path / "syn2", steps=1, shard_size=2, progress=lambda m: None)
 
 
 def test_loader_is_deterministic_rank_aware_and_trains(teacher, tmp_path):

@@ -11,6 +11,8 @@ import json
 from collections import Counter
 
 import numpy as np
+import shutil
+
 import pytest
 import torch
 
@@ -278,6 +280,17 @@ def test_frechet_to_the_teacher_reference(tiny_teacher, tmp_path):
 
     teacher_reference_features(tiny_teacher, toybench_prompts(6, WORLD), 7, WORLD, 2, cache=cache)
     assert cache.stat().st_mtime_ns == stamp
+    # A teacher retrained in place (same path, other bytes) is another reference.
+    moved = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, moved)
+    teacher_reference_features(moved, toybench_prompts(2, WORLD), 7, WORLD, 1, cache=tmp_path / "ref.npz")
+    stamp = (tmp_path / "ref.npz").stat().st_mtime_ns
+    teacher_reference_features(moved, toybench_prompts(2, WORLD), 7, WORLD, 1, cache=tmp_path / "ref.npz")
+    assert (tmp_path / "ref.npz").stat().st_mtime_ns == stamp
+    sched = moved / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text() + "\n")
+    teacher_reference_features(moved, toybench_prompts(2, WORLD), 7, WORLD, 1, cache=tmp_path / "ref.npz")
+    assert (tmp_path / "ref.npz").stat().st_mtime_ns != stamp
     with pytest.raises(ValueError, match="context_frames"):
         run_toybench(tiny_teacher, steps=[1], out_dir=tmp_path / "b3", n_prompts=2, context_frames=1,
                      teacher_reference=str(tiny_teacher))

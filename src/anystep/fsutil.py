@@ -21,6 +21,7 @@ that is theirs instead.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -304,3 +305,17 @@ def folder_lock(folder, what: str = "--out"):
         release_lock(lock)
         if created and is_empty_dir(folder):
             folder.rmdir()
+
+
+def folder_digest(folder) -> str:
+    """sha256 over a model folder's files (relative names and bytes): identifies the weights a
+    job was trained from, where the path alone would not notice a retrained teacher."""
+    h = hashlib.sha256()
+    root = Path(folder)
+    # The model card is documentation: writing or rewording it does not make another teacher.
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.relative_to(root) != Path("README.md")):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -46,7 +46,7 @@ from anystep.eval.empirical_teacher import EmpiricalFlowModel
 from anystep.eval.toybench_run import run_toybench
 from anystep.eval.sample_figures import samples_figure
 from anystep.report import TEACHER_REFERENCE_STEPS, write_report
-from anystep.fsutil import atomic_write
+from anystep.fsutil import atomic_write, folder_digest
 from anystep.train.registry import method_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,20 +206,6 @@ def settings_diff(cls, have: dict, want: dict) -> list[str]:
         if before != new.get(k, missing):
             diff.append(k)
     return diff
-
-
-def folder_digest(folder) -> str:
-    """sha256 over a model folder's files (relative names and bytes): identifies the weights a
-    job was trained from, where the path alone would not notice a retrained teacher."""
-    h = hashlib.sha256()
-    root = Path(folder)
-    # The model card is documentation: writing or rewording it does not make another teacher.
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.relative_to(root) != Path("README.md")):
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def run_job(job: Job) -> Path:

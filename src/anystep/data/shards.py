@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from anystep.conditioning import read_frames
 from anystep.data.toy_batches import ToyBatches
-from anystep.fsutil import atomic_write, has_entries
+from anystep.fsutil import atomic_write, folder_digest, has_entries
 from anystep.models.latents import encode_pixels
 from anystep.models.text import check_prompts_fit, encode_prompts
 from anystep.sampling import generate_latents
@@ -77,7 +77,8 @@ def write_synthetic(teacher, prompts: list[str], out, steps: int = 50, guidance:
     out = Path(out)
     check_shard_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"teacher": str(teacher.folder), "steps": steps, "guidance": guidance, "num_frames": num_frames,
+    # The teacher's bytes too: a folder retrained in place must not add shards to its old ones.
+    manifest = {"teacher": str(teacher.folder), "teacher_sha256": folder_digest(teacher.folder), "steps": steps, "guidance": guidance, "num_frames": num_frames,
                 "height": height, "width": width, "shard_size": shard_size, "seed": seed, "num_prompts": len(prompts),
                 "num_shards": (len(prompts) + shard_size - 1) // shard_size}
     mpath = out / MANIFEST

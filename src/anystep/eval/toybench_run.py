@@ -25,7 +25,7 @@ from anystep.eval.toybench import (
 )
 from anystep.models.loaded import load_model
 from anystep.sampling import DEFAULT_TEACHER_GUIDANCE, generate, nfe
-from anystep.fsutil import atomic_write
+from anystep.fsutil import atomic_write, folder_digest
 
 
 # --- running a model -----------------------------------------------------------------------------
@@ -160,8 +160,11 @@ def teacher_reference_features(teacher_folder, prompts: list[tuple[str, int]], n
                                steps: int = 50, cache: Path | None = None, batch_size: int = 20) -> np.ndarray:
     """Clip features of the teacher's samples of ``prompts`` (their seeds) at ``steps`` Euler steps
     with its default CFG, cached in ``cache`` (an ``.npz``) for the same teacher, prompts and steps."""
-    name = teacher_folder.name if hasattr(teacher_folder, "generate_videos") else str(Path(teacher_folder).resolve())
-    key = json.dumps({"teacher": name, "steps": int(steps), "num_frames": int(num_frames),
+    in_memory = hasattr(teacher_folder, "generate_videos")
+    name = teacher_folder.name if in_memory else str(Path(teacher_folder).resolve())
+    # The folder's bytes, not only its path: a teacher retrained in place is another reference.
+    digest = "" if in_memory else folder_digest(teacher_folder)
+    key = json.dumps({"teacher": name, "digest": digest, "steps": int(steps), "num_frames": int(num_frames),
                       "prompts": [list(p) for p in prompts], "version": TOYBENCH_VERSION}, sort_keys=True)
     if cache is not None and cache.exists():
         with np.load(cache, allow_pickle=False) as z:

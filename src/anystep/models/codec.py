@@ -27,8 +27,8 @@ token is ``proj_out`` applied to its hidden state, so it spans at most ``inner_d
 token's ``out_channels * prod(patch_size)`` values; the toy's 128 against the exact codec's 48 x 4 =
 192 leaves 64 directions in which every sampler's update is a constant, so a third of the initial
 noise reaches every sample unchanged, whatever the step count (``scripts/output_rank_check.py``).
-Wan itself has room to spare (1536 or 5120 against 16 x 4 = 64); 24 channels (96 per token) give
-the toy the same.
+Wan itself has room to spare (1536 or 5120 against 16 x 4 = 64); 28 channels (112 per token,
+within the 127 directions the final LayerNorm leaves) give the toy room too.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
                 raise ValueError(f"a codec with channels={channels} needs a basis of {channels} rows of {block}")
             if pixel_mean is None or pixel_std is None or len(pixel_mean) != block or len(pixel_std) != block:
                 raise ValueError(f"a codec with channels={channels} needs pixel_mean and pixel_std of {block}")
+            b = torch.tensor(basis, dtype=torch.float64)
+            # Decoding uses the transpose as the inverse: only an orthonormal basis round-trips.
+            if not torch.allclose(b @ b.T, torch.eye(z_dim, dtype=torch.float64), atol=1e-6):
+                raise ValueError("the codec's basis rows are not orthonormal")
         self.register_to_config(
             z_dim=z_dim,
             scale_factor_spatial=patch,

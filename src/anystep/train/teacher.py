@@ -285,6 +285,12 @@ class TeacherMethod:
         else:
             self.codec = fit_codec(torch.from_numpy(self.data.batch(range(256))[0]),
                                    anchor_first_frame=cfg.anchor_first_frame, first_frame_offset=cfg.first_frame_offset)
+        if self.codec.projected and cfg.codec_channels != self.codec.config.channels:
+            where = cfg.out if resume else init
+            raise ConfigError(f"{where} trained on a codec of {self.codec.config.channels} channels; "
+                              f"set codec_channels: {self.codec.config.channels} (or start from an exact-codec folder)")
+        if resume and not self.codec.projected and cfg.codec_channels > 0:
+            raise ConfigError(f"{cfg.out} trained on the exact codec; resume it with codec_channels: 0")
         project = cfg.codec_channels > 0 and not self.codec.projected
         if project and init and has_checkpoint(init):
             raise ConfigError(f"codec_channels={cfg.codec_channels} carries a teacher folder over to a projected "
