@@ -196,7 +196,8 @@ def test_teacher_init_that_does_not_fit_the_transformer_is_one_error_line(tmp_pa
     folder = make_tiny_teacher(tmp_path / "t", steps=1, num_layers=1)
     capsys.readouterr()
     out = tmp_path / "run"
-    base = ["train", "teacher", "--config", "configs/toy/teacher.yaml", f"out={out}", "steps=1", "batch_size=2"]
+    base = ["train", "teacher", "--config", "configs/toy/teacher.yaml", f"out={out}", "steps=1", "batch_size=2",
+            "codec_channels=28"]  # the tiny teacher's codec (configs/toy/teacher.yaml is phase 1's exact one)
     assert main(base + [f"init={folder}"]) == 2
     assert "num_layers 1 != 4" in _err(capsys)
     assert not out.exists()

@@ -240,10 +240,12 @@ def test_bf16_policy_stage2_tracks_fp32(tmp_path, causal):
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    # About 1.5x the largest deviation measured with the shipped teacher (phase 6), causal / bidirectional:
-    # loss_dmd 4.8 / 1.6%, grad norms 1.4-3.5 / 0.4-1.2%, loss_critic 0.9 / 0.5%, loss_stage1 0.2 / 0.3%.
-    bounds = {"loss_dmd": 7e-2, "grad_norm_generator": 5e-2, "grad_norm_critic": 5e-2,
-              "loss_stage1": 1e-2, "loss_critic": 2e-2}
+    # Largest deviations measured with the shipped teacher (phase 7), causal / bidirectional: loss_dmd
+    # 1.3 / 1.5%, loss_critic 0.6 / 0.4%, loss_stage1 0.3 / 0.5%, grad_norm_critic 2.2 / 0.2%,
+    # grad_norm_generator 11.6 / 1.3%. They move with the teacher (phase 6: loss_dmd 4.8% causal,
+    # generator grad norm 1.4%); the generator's grad norm after one bf16 step is the loosest.
+    bounds = {"loss_dmd": 3e-2, "grad_norm_generator": 2e-1, "grad_norm_critic": 5e-2,
+              "loss_stage1": 1e-2, "loss_critic": 1e-2}
     for ra, rb in zip(one, two):
         for k, rel in bounds.items():
             assert rb[k] == pytest.approx(ra[k], rel=rel), (k, ra["step"], ra[k], rb[k])
