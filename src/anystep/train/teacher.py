@@ -292,7 +292,10 @@ class TeacherMethod:
         if resume and not self.codec.projected and cfg.codec_channels > 0:
             raise ConfigError(f"{cfg.out} trained on the exact codec; resume it with codec_channels: 0")
         project = cfg.codec_channels > 0 and not self.codec.projected
-        if project and init and has_checkpoint(init):
+        if project and not init:  # a fresh run: the projected codec from the start, nothing to carry over
+            self.codec = self._projected(self.codec, cfg.codec_channels)
+            project = False
+        if project and has_checkpoint(init):
             raise ConfigError(f"codec_channels={cfg.codec_channels} carries a teacher folder over to a projected "
                               f"codec; init={init} is a run checkpoint: export it first (anystep export)")
         self.tokenizer = build_word_tokenizer()
@@ -305,21 +308,19 @@ class TeacherMethod:
             self.model = build_toy_transformer(**{"in_channels": z, "out_channels": z, **cfg.transformer})
         self.both = torch.nn.ModuleDict({"transformer": self.model, "text_encoder": self.text_encoder})
         ema = _init_weights(init, self.both) if init else None
-        if project:
-            exact = self.codec
-            self.codec = project_codec(exact, torch.from_numpy(self.data.batch(range(1024))[0]), cfg.codec_channels)
-            if init:
-                basis = torch.tensor(self.codec.config.basis)
-                self.model = project_transformer(self.model, basis)
-            else:
-                self.model = build_toy_transformer(**{"in_channels": cfg.codec_channels,
-                                                      "out_channels": cfg.codec_channels, **cfg.transformer})
+        if project:  # carry the init folder's transformer over to the projected codec
+            self.codec = self._projected(self.codec, cfg.codec_channels)
+            self.model = project_transformer(self.model, torch.tensor(self.codec.config.basis))
             self.both = torch.nn.ModuleDict({"transformer": self.model, "text_encoder": self.text_encoder})
         self.model.train()
         self._build_updaters()
         if ema is not None:
             for k, v in ema.items():
                 self.updaters[0].ema.shadow[k].copy_(v)
+
+    def _projected(self, exact: SpaceToDepthCodec, channels: int) -> SpaceToDepthCodec:
+        """The exact codec's projected twin, its basis fitted on 1024 training clips."""
+        return project_codec(exact, torch.from_numpy(self.data.batch(range(1024))[0]), channels)
 
     def _build_updaters(self) -> None:
         c = self.cfg
