@@ -16,6 +16,7 @@ import argparse
 
 import torch
 
+from anystep.data.moving_digits import MovingDigits
 from anystep.models.loaded import load_model
 from anystep.models.toy import output_span
 from anystep.sampling import generate_latents, initial_noise
@@ -53,6 +54,10 @@ def main() -> None:
     noise = initial_noise(model.latent_shape(7, 32, 32), len(prompts), 0)
     e = tokens(noise, net.config.patch_size)
     print(f"share of the initial noise's energy out of reach: {float(((e @ perp) ** 2).sum() / (e ** 2).sum()):.3f}")
+    videos, _ = MovingDigits("heldout").batch(range(64))
+    x = tokens(model.codec.pixels_to_latents(torch.from_numpy(videos)), net.config.patch_size)
+    x = x - x.mean(0)
+    print(f"share of 64 held-out real clips' variance out of reach: {float(((x @ perp) ** 2).sum() / (x ** 2).sum()):.3f}")
     for steps in (int(s) for s in args.steps.split(",")):
         moved = (tokens(generate_latents(model, prompts, steps, noise=noise), net.config.patch_size) - e) @ perp
         print(f"{steps} steps: max |perp(sample - noise) + perp(b)| = {float((moved + b @ perp).abs().max()):.1e}")
