@@ -139,16 +139,22 @@ class SpaceToDepthCodec(ModelMixin, ConfigMixin):
         if not self.projected:
             return z
         mean, std = self._pixel_stats(z)
-        basis = torch.tensor(self.config.basis, device=z.device, dtype=torch.float32)
-        return torch.einsum("kc,bcfhw->bkfhw", basis, (z.float() - mean) / std)
+        return torch.einsum("kc,bcfhw->bkfhw", self._basis_on(z.device), (z.float() - mean) / std)
 
     def unproject(self, y: torch.Tensor) -> torch.Tensor:
         """Basis coordinates -> block values in codec units (the projection of the encoded block)."""
         if not self.projected:
             return y
         mean, std = self._pixel_stats(y)
-        basis = torch.tensor(self.config.basis, device=y.device, dtype=torch.float32)
-        return torch.einsum("kc,bkfhw->bcfhw", basis, y.float()) * std + mean
+        return torch.einsum("kc,bkfhw->bcfhw", self._basis_on(y.device), y.float()) * std + mean
+
+    def _basis_on(self, device) -> torch.Tensor:
+        """The basis as a float32 tensor on ``device``, built once per device: every encode and decode of
+        a training step reads it, and the config holds it as nested lists."""
+        cache = self.__dict__.setdefault("_basis_cache", {})
+        if device not in cache:
+            cache[device] = torch.tensor(self.config.basis, device=device, dtype=torch.float32)
+        return cache[device]
 
     def mark_first_frame(self, z: torch.Tensor) -> torch.Tensor:
         return self.offset_first_frame(self.reflect_first_frame(z), 1.0)

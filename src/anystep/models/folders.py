@@ -13,7 +13,6 @@ from __future__ import annotations
 from anystep.errors import UserError
 
 import json
-import warnings
 from pathlib import Path
 
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMapEulerDiscreteScheduler
@@ -150,13 +149,9 @@ def load_pipeline(folder, torch_dtype=None):
                 f"{folder}: a toy folder trained on text padded to {trained_on} rows (anystep before the toy "
                 f"followed Wan's {WAN_TEXT_LENGTH}); diffusers' defaults would condition it wrongly: retrain it")
         use_padded_text(pipe.transformer)
-        from anystep.models.toy import output_span
+        from anystep.models.toy import warn_if_narrow
 
-        span, token = output_span(pipe.transformer)
-        if span < token:
-            # Folders of the exact 48-channel codec (before 2026-12-04's projected codec) still load:
-            # they sample as they always did, noise and all.
-            warnings.warn(f"{folder}: its transformer's output spans {span} of a token's {token} values, so its "
-                          f"samples keep a share of the initial noise at any step count; a toy folder trained "
-                          f"from today's models/toy-teacher does not (docs/toy-world.md, the codec)", stacklevel=2)
+        # Folders of the exact 48-channel codec (before 2026-12-04's projected codec) still load and
+        # sample as they always did, noise and all.
+        warn_if_narrow(pipe.transformer, str(folder))
     return pipe

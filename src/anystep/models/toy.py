@@ -31,12 +31,18 @@ def build_toy_transformer(**overrides) -> WanTransformer3DModel:
     from anystep.models.padded_text import use_padded_text
 
     model = WanTransformer3DModel(**{**TOY_TRANSFORMER, **overrides})
-    span, token = output_span(model)
-    if span < token:
-        warnings.warn(f"this toy transformer's output spans {span} of a token's {token} values: its velocity is "
-                      f"a constant in the other {token - span} directions, so every sampler passes that part of "
-                      f"the initial noise through to the sample (models/toy.py, output_span)", stacklevel=2)
+    warn_if_narrow(model, "this toy transformer", stacklevel=3)
     return use_padded_text(model)
+
+
+def warn_if_narrow(transformer, what: str, stacklevel: int = 2) -> None:
+    """Warn when ``transformer``'s output cannot span its tokens (:func:`output_span`)."""
+    span, token = output_span(transformer)
+    if span < token:
+        warnings.warn(f"{what}: its output spans {span} of a token's {token} values; its velocity is a constant in "
+                      f"the other {token - span} directions, so every sampler passes that part of the initial "
+                      f"noise through to the sample at any step count (docs/toy-world.md, the codec)",
+                      stacklevel=stacklevel + 1)
 
 
 def output_span(transformer) -> tuple[int, int]:
