@@ -72,7 +72,7 @@ def test_real_score_claims():
     verdicts = {c["claim"]: c["verdict"] for c in claims(res)}
     assert verdicts["bidirectional: the real score at 100 NFE is within 10 Total of held-out real clips (99.0)"] == "holds"
     assert verdicts["bidirectional: Real score gains >= 5 Total from 4 to 32 NFE"] == (
-        "does not hold (intervals separate) (a gain of 3.0, below the 5-point bar)")
+        "does not hold (intervals separate) (a gain of 3.00, below the 5-point bar)")
     assert verdicts["bidirectional: AnyFlow at 4 NFE matches the real score it distils at 50x2 (Total >=)"].startswith(
         "does not hold")
     res["meta"]["real"] = {"Total": 100.0}
@@ -109,6 +109,8 @@ def test_pipeline_writes_every_artefact(tiny_run):
     out, _, _, res, logs = tiny_run
     for name in ("report.md", "results.json", "scaling.png", "samples.png", "samples_causal_anyflow.mp4"):
         assert (out / name).stat().st_size > 0, name
+    # measure_cost=False: no cost.md, and the report does not point a reader at one
+    assert not (out / "cost.md").exists() and "`cost.md`" not in (out / "report.md").read_text()
     on_disk = json.loads((out / "results.json").read_text())
     for arch in ("bidirectional", "causal"):
         methods = on_disk["architectures"][arch]["methods"]

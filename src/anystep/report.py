@@ -143,7 +143,7 @@ def claims(results: dict) -> list[dict]:
         verdict = ("holds" if holds else "does not hold") + (
             " (intervals separate)" if separate else " (within the 95% intervals)")
         if margin and not holds and diff > 0:
-            verdict += f" (a gain of {diff:.1f}, below the {margin:g}-point bar)"
+            verdict += f" (a gain of {diff:.2f}, below the {margin:g}-point bar)"  # 2 decimals: 4.99 must not print as 5.0
         out.append({"claim": text, "verdict": verdict, "a": a, "b": b, "difference": diff})
 
     for arch, a in results["architectures"].items():
@@ -262,8 +262,8 @@ def report_markdown(results: dict, n_boot: int = 2000) -> str:
         lines += ["", f"Ceiling (held-out real clips, same prompts): Quality {real['Quality']:.1f}, "
                       f"Semantic {real['Semantic']:.1f}, Total {real['Total']:.1f}."]
     lines += ["", "Figures: `scaling.png` (Total against NFE, Fig. 1a analogue), `samples.png` and "
-                  "`samples_<arch>_<method>.mp4` (the same prompts at 1, 4, 16 and 32 steps, Fig. 1b analogue). "
-                  "Training cost: `cost.md`.", ""]
+                  "`samples_<arch>_<method>.mp4` (the same prompts at 1, 4, 16 and 32 steps, Fig. 1b analogue)."
+                  + (" Training cost: `cost.md`." if results.get("cost") else " Training cost was not measured in this run."), ""]
     return "\n".join(lines)
 
 
