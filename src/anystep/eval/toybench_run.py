@@ -321,8 +321,8 @@ def run_toybench(
         row["seconds"] = round(gen_s, 2)
         result["results"][str(s)] = row
         save_sample_grid(
-            videos[:n_show], texts[:n_show], out_dir / f"samples_{s}.png", title=f"{model.kind}, {s} steps (NFE {row['nfe']})"
-        )
+            videos[:n_show], texts[:n_show], out_dir / f"samples_{s}.png", title=f"{model.kind} ({model.sampler} sampler), {s} steps (NFE {row['nfe']})"
+        )  # the sampler in the title: one folder is scored under two samplers in the cross table
         atomic_write(out_dir / f"samples_{s}.npy", lambda f, v=videos[:n_show]: np.save(f, v.astype(np.float16)))
         _atomic_write_json(out_dir / "toybench.json", result)
         print(
