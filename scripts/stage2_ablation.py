@@ -92,6 +92,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cross", action="store_true", help="also score each row under the other sampler (the report's cross table)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every row's iterations (a smoke test: 0.01)")
     args = ap.parse_args(argv)
+    names = args.rows.split(",")
+    # Checked before any row trains: a bad name or a missing folder must not surface an hour in.
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if not args.consistency_init and any(ROWS[n][2] == "consistency_init" for n in names):
+        ap.error("the consistency_* rows need --consistency-init")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = {**_toy("stage2"), "student": args.stage1, "teacher": args.teacher, "rollout": "flowmap",
@@ -99,10 +106,8 @@ def main(argv=None) -> int:
             "real_score_clips": FULL.real_score_clips, "threads": 0}
     path = out / "ablation.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name in args.rows.split(","):
+    for name in names:
         what, over, start = ROWS[name]
-        if start == "consistency_init" and not args.consistency_init:
-            ap.error(f"row {name} needs --consistency-init")
         student = args.consistency_init if start == "consistency_init" else args.stage1
         cfg = {**base, "student": student, **over, "out": str(out / name)}
         cfg["steps"] = max(1, round(cfg["steps"] * args.scale))
