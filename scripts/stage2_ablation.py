@@ -13,6 +13,9 @@ they need ``--consistency-init`` (the run's ``bidirectional/consistency_init/mod
     python scripts/stage2_ablation.py --stage1 RUN/bidirectional/stage1/model --teacher RUN/teacher_ft/model \
         --consistency-init RUN/bidirectional/consistency_init/model --out DIR
 
+Causal rows (``--arch causal``) start from the run's ``causal/`` folders and teacher fine-tune; full
+mode gives causal jobs half the iterations, so ``--scale 0.5`` keeps its proportions.
+
 Writes ``DIR/ablation.json`` and ``DIR/ablation.md`` after every row.
 """
 
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 from anystep.fsutil import atomic_write
-from anystep.reproduce import FULL, OTHER_SAMPLER, Job, _eval, _toy, run_job
+from anystep.reproduce import CAUSAL_FRAMES, FULL, OTHER_SAMPLER, Job, _eval, _toy, run_job
 from anystep.report import bootstrap_ci
 
 # name -> (what it tests, Stage-2 config overrides on top of the full-mode recipe, start); start is
@@ -90,7 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--n-prompts", type=int, default=40)
     ap.add_argument("--cross", action="store_true", help="also score each row under the other sampler (the report's cross table)")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every row's iterations (a smoke test: 0.01)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply every row's iterations (causal rows as in full mode: 0.5; a smoke test: 0.01)")
+    ap.add_argument("--arch", choices=("bidirectional", "causal"), default="bidirectional",
+                    help="causal: the run's causal/ folders, 13-frame clips, a FAR student (Stage 1 and ODE-init causal too)")
     args = ap.parse_args(argv)
     names = args.rows.split(",")
     # Checked before any row trains: a bad name or a missing folder must not surface an hour in.
@@ -101,8 +107,10 @@ def main(argv=None) -> int:
         ap.error("the consistency_* rows need --consistency-init")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    causal = args.arch == "causal"
     base = {**_toy("stage2"), "student": args.stage1, "teacher": args.teacher, "rollout": "flowmap",
-            "steps": FULL.stage2, "num_frames": 7, "causal": False, "real_score": FULL.real_score,
+            "steps": FULL.stage2, "num_frames": CAUSAL_FRAMES if causal else 7, "causal": causal,
+            "real_score": FULL.real_score,
             "real_score_clips": FULL.real_score_clips, "threads": 0}
     path = out / "ablation.json"
     results = json.loads(path.read_text()) if path.exists() else {}
