@@ -220,8 +220,8 @@ def test_bf16_policy_stage2_tracks_fp32(tmp_path, causal):
     fp32 run. peft's ``disable_adapters`` freezes the critic's LoRA for the real score, the
     teacher's first forward; FSDP fixed each group's gradient dtype there and then handed bf16
     gradients to the fp32 shards, so this run used to fail in the critic's backward. bf16 compute
-    moves (measured, both architectures, 2 steps) the DMD loss by up to 1.0%, the critic's gradient
-    norm by up to 2.7%, the other gradient norm and losses by up to 0.5%; the bounds leave 2-3x.
+    moves the losses and gradient norms by a few percent (measured per shipped teacher, below); the
+    bounds leave 2x or more.
 
     The shipped teacher, not the 2-step tiny one: the DMD signal is the real score's guidance term
     w (v_c - v_u), and a teacher that barely tells prompts apart (v_c - v_u ~1% of v once its
@@ -240,12 +240,12 @@ def test_bf16_policy_stage2_tracks_fp32(tmp_path, causal):
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
     assert [r["step"] for r in one] == [r["step"] for r in two]
-    # Largest deviations measured with the shipped teacher (phase 7), causal / bidirectional: loss_dmd
-    # 1.3 / 1.5%, loss_critic 0.6 / 0.4%, loss_stage1 0.3 / 0.5%, grad_norm_critic 2.2 / 0.2%,
-    # grad_norm_generator 11.6 / 1.3%. They move with the teacher (phase 6: loss_dmd 4.8% causal,
-    # generator grad norm 1.4%); the generator's grad norm after one bf16 step is the loosest.
-    bounds = {"loss_dmd": 3e-2, "grad_norm_generator": 2e-1, "grad_norm_critic": 5e-2,
-              "loss_stage1": 1e-2, "loss_critic": 1e-2}
+    # Largest deviations measured with the shipped teacher (phase 8), causal / bidirectional: loss_dmd
+    # 1.9 / 2.0%, loss_critic 2.2 / 0.8%, loss_stage1 0.3 / 0.2%, grad_norm_critic 1.9 / 0.5%,
+    # grad_norm_generator 2.1 / 2.5%. They move with the teacher (phase 7: loss_critic 0.6% causal,
+    # generator grad norm 11.6%); the generator's grad norm after one bf16 step is the loosest.
+    bounds = {"loss_dmd": 5e-2, "grad_norm_generator": 2e-1, "grad_norm_critic": 5e-2,
+              "loss_stage1": 1e-2, "loss_critic": 5e-2}
     for ra, rb in zip(one, two):
         for k, rel in bounds.items():
             assert rb[k] == pytest.approx(ra[k], rel=rel), (k, ra["step"], ra[k], rb[k])
