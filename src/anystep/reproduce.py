@@ -91,8 +91,8 @@ class Budget:
 QUICK = Budget(teacher_ft=0, stage1=120, stage2=40, consistency_init=30, flow_matching_causal=60,
                causal_frac=0.5, n_prompts=16, cost_repeats=2, overrides={"consistency_init": {"ode_steps": 12}},
                real_score_clips=16)
-# Full: 31 min on 2 quiet CPU cores without the cost measurement (docs/results/reproduce-full-v7/;
-# the causal half is 18 of them); the bidirectional half took 7.2 min on one H200
+# Full: 30 min on 2 quiet CPU cores without the cost measurement (docs/results/reproduce-full-v8/,
+# the causal half about 18 of them); the bidirectional half took 7.2 min on one H200
 # (docs/results/real-score-h200/).
 FULL = Budget(teacher_ft=300, stage1=600, stage2=200, consistency_init=100, flow_matching_causal=300,
               causal_frac=0.5, n_prompts=40, cost_repeats=3, published_consistency=True)
